@@ -1,0 +1,35 @@
+// The whole service as ONE encapsulated Fastify plugin. The standalone server
+// registers it; an embedding app does `host.register(agentSessions, { prefix, ...options })`.
+
+import type { FastifyPluginAsync } from 'fastify'
+import configPlugin from './plugins/config.js'
+import sessionManagerPlugin, { type SessionManagerPluginOptions } from './plugins/session-manager.js'
+import reaperPlugin from './plugins/reaper.js'
+import httpPlugin from './plugins/http.js'
+import sessionRoutes from './routes/sessions.js'
+import askRoutes from './routes/ask.js'
+import healthRoutes from './routes/health.js'
+import { ErrorReply } from './routes/schemas.js'
+import type { AgentSessionsSettings } from './lib/config.js'
+
+export interface AgentSessionsOptions extends AgentSessionsSettings, SessionManagerPluginOptions {}
+
+const agentSessions: FastifyPluginAsync<AgentSessionsOptions> = async (fastify, options) => {
+  await fastify.register(configPlugin, options)
+  await fastify.register(sessionManagerPlugin, options)
+  await fastify.register(reaperPlugin)
+  await fastify.register(httpPlugin, { bodyLimit: fastify.agentSessionsConfig.bodyLimit })
+  fastify.addSchema(ErrorReply)
+  await fastify.register(sessionRoutes)
+  await fastify.register(askRoutes)
+  await fastify.register(healthRoutes)
+}
+
+export default agentSessions
+export { agentSessions }
+export type { AgentSessionsConfig, AgentSessionsSettings } from './lib/config.js'
+export type { AgentRunner, AgentRun, TurnAnswer, TurnOptions, RunReport } from './lib/cursor-agent.js'
+export type { SessionManager, SessionInfo, EndReport, SweepReport, SessionState } from './lib/session-manager.js'
+export type { Sweeper, SweeperStats } from './lib/sweeper.js'
+export type { TeardownReport, TeardownStage } from './lib/terminate.js'
+export { AgentSessionError, type ErrorCode } from './lib/errors.js'

@@ -1,0 +1,214 @@
+// Every setting once: its environment variable, its plugin option, its type
+// and default. The env schema (validated by env-schema / @fastify/env), the
+// option mapping and the typed config object are all derived from this table.
+
+import { statSync } from 'node:fs'
+import { resolve } from 'node:path'
+
+type Kind = 'duration' | 'integer' | 'string' | 'boolean' | 'signal' | 'list'
+
+interface Setting {
+  env: string
+  option: string
+  kind: Kind
+  default?: string
+  min?: number
+  max?: number
+  enum?: readonly string[]
+  /** Read by the standalone server only; not a plugin option (an embedder's host owns these). */
+  serverOnly?: boolean
+}
+
+export const SETTINGS = [
+  { env: 'PORT', option: 'port', kind: 'integer', default: '3000', min: 0, max: 65535, serverOnly: true },
+  { env: 'HOST', option: 'host', kind: 'string', default: '127.0.0.1', serverOnly: true },
+  { env: 'LOG_LEVEL', option: 'logLevel', kind: 'string', default: 'info', enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], serverOnly: true },
+  { env: 'WORKSPACE_DIR', option: 'workspaceDir', kind: 'string' },
+  { env: 'CURSOR_AGENT_BIN', option: 'cursorAgentBin', kind: 'string', default: 'cursor-agent' },
+  { env: 'SESSION_TIMEOUT', option: 'sessionTimeout', kind: 'duration', default: '10m', min: 1 },
+  { env: 'MAX_SESSION_TIMEOUT', option: 'maxSessionTimeout', kind: 'duration', default: '24h', min: 1 },
+  { env: 'CLEANUP_INTERVAL', option: 'cleanupInterval', kind: 'duration', default: '1m', min: 10 },
+  { env: 'KILL_GRACE', option: 'killGrace', kind: 'duration', default: '5s', min: 0 },
+  { env: 'KILL_SIGNAL', option: 'killSignal', kind: 'signal', default: 'SIGTERM', enum: ['SIGTERM', 'SIGINT', 'SIGHUP', 'SIGQUIT', 'SIGUSR1', 'SIGUSR2'] },
+  { env: 'ASK_TIMEOUT', option: 'askTimeout', kind: 'duration', default: '60s', min: 1 },
+  { env: 'MAX_SESSIONS', option: 'maxSessions', kind: 'integer', default: '100', min: 1 },
+  { env: 'MAX_QUESTION_BYTES', option: 'maxQuestionBytes', kind: 'integer', default: '65536', min: 1 },
+  { env: 'MAX_ANSWER_BYTES', option: 'maxAnswerBytes', kind: 'integer', default: '16777216', min: 1024 },
+  { env: 'BODY_LIMIT', option: 'bodyLimit', kind: 'integer', default: '1048576', min: 1024 },
+  { env: 'API_TOKEN', option: 'apiToken', kind: 'string' },
+  { env: 'AGENT_MODEL', option: 'agentModel', kind: 'string' },
+  { env: 'AGENT_FORCE', option: 'agentForce', kind: 'boolean', default: 'false' },
+  { env: 'AGENT_TRUST', option: 'agentTrust', kind: 'boolean', default: 'true' }
+] as const satisfies readonly Setting[]
+
+export interface AgentSessionsConfig {
+  port: number
+  host: string
+  logLevel: string
+  workspaceDir: string
+  cursorAgentBin: string
+  sessionTimeoutMs: number
+  maxSessionTimeoutMs: number
+  cleanupIntervalMs: number
+  killGraceMs: number
+  killSignal: NodeJS.Signals
+  askTimeoutMs: number
+  maxSessions: number
+  maxQuestionBytes: number
+  maxAnswerBytes: number
+  bodyLimit: number
+  apiToken?: string
+  agentModel?: string
+  agentForce: boolean
+  agentTrust: boolean
+}
+
+/** Settings as plugin options: durations as `'30s'` or milliseconds, the rest as their type. */
+export interface AgentSessionsSettings {
+  workspaceDir?: string
+  cursorAgentBin?: string
+  sessionTimeout?: string | number
+  maxSessionTimeout?: string | number
+  cleanupInterval?: string | number
+  killGrace?: string | number
+  killSignal?: NodeJS.Signals
+  askTimeout?: string | number
+  maxSessions?: number
+  maxQuestionBytes?: number
+  maxAnswerBytes?: number
+  bodyLimit?: number
+  apiToken?: string
+  agentModel?: string
+  agentForce?: boolean
+  agentTrust?: boolean
+}
+
+/** Environment variables that belong to this service: never passed on to the agent. */
+export const SERVICE_ENV_NAMES: readonly string[] = SETTINGS.map((s) => s.env)
+
+const DURATION = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$/
+const UNIT_MS = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 } as const
+
+/** `500ms`, `30s`, `10m`, `1h` or plain milliseconds; undefined when malformed. */
+export function parseDuration (value: string | number): number | undefined {
+  if (typeof value === 'number') return Number.isFinite(value) && value >= 0 ? value : undefined
+  const match = DURATION.exec(value)
+  if (match === null) return undefined
+  return Math.round(Number(match[1]) * UNIT_MS[(match[2] ?? 'ms') as keyof typeof UNIT_MS])
+}
+
+function schemaFor (setting: Setting): Record<string, unknown> {
+  const base: Record<string, unknown> = { type: 'string' }
+  if (setting.default !== undefined) base.default = setting.default
+  if (setting.enum !== undefined) base.enum = [...setting.enum]
+  if (setting.kind === 'integer') base.pattern = '^\\s*\\d+\\s*$'
+  if (setting.kind === 'boolean') base.pattern = '^\\s*(?:[Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|1|0|[Yy][Ee][Ss]|[Nn][Oo])\\s*$'
+  if (setting.kind === 'duration') base.pattern = DURATION.source
+  return base
+}
+
+/** The JSON schema env-schema validates the merged environment against (all strings, converted after). */
+export const envJsonSchema = {
+  type: 'object',
+  properties: Object.fromEntries(SETTINGS.map((s) => [s.env, schemaFor(s)])),
+  required: [] as string[]
+}
+
+/** Plugin options rewritten as environment entries, so options win over process.env in one merge. */
+export function optionsAsEnv (options: AgentSessionsSettings): Record<string, string> {
+  const env: Record<string, string> = {}
+  for (const setting of SETTINGS as readonly Setting[]) {
+    if (setting.serverOnly === true) continue
+    const value = (options as Record<string, unknown>)[setting.option]
+    if (value === undefined || value === null) continue
+    env[setting.env] = String(value)
+  }
+  return env
+}
+
+export class ConfigError extends Error {
+  constructor (message: string) {
+    super(message)
+    this.name = 'ConfigError'
+  }
+}
+
+const HINT: Record<Kind, string> = {
+  duration: 'a duration such as 500ms, 30s, 10m, 1h or plain milliseconds',
+  integer: 'a whole number',
+  string: 'a string',
+  boolean: 'true or false',
+  signal: 'a signal name',
+  list: 'a comma-separated list'
+}
+
+/** Rewrites an env-schema / ajv failure into a message that names the variable and what it takes. */
+export function describeEnvError (err: unknown, values: Record<string, unknown> = {}): ConfigError {
+  const errors = (err as { errors?: Array<{ instancePath?: string, params?: { allowedValues?: unknown[] } }> }).errors
+  const first = errors?.[0]
+  const name = first?.instancePath?.replace(/^\//, '')
+  const setting = SETTINGS.find((s) => s.env === name) as Setting | undefined
+  if (setting === undefined) return new ConfigError(`Invalid configuration: ${(err as Error).message}`)
+  const expected = setting.enum !== undefined ? `one of ${setting.enum.join(', ')}` : HINT[setting.kind]
+  return new ConfigError(`Invalid configuration: ${setting.env} (option ${setting.option}) must be ${expected}, got ${JSON.stringify(values[setting.env])}`)
+}
+
+/** Converts the validated string values into the typed config, checking ranges and cross-field rules. */
+export function resolveConfig (env: Record<string, unknown>): AgentSessionsConfig {
+  const values: Record<string, unknown> = {}
+  for (const setting of SETTINGS as readonly Setting[]) {
+    const raw = env[setting.env]
+    if (raw === undefined || raw === '') continue
+    const text = String(raw).trim()
+    let value: unknown = text
+    if (setting.kind === 'duration' || setting.kind === 'integer') {
+      const n = setting.kind === 'duration' ? parseDuration(text) : Number(text)
+      if (n === undefined || !Number.isSafeInteger(n)) {
+        throw new ConfigError(`Invalid configuration: ${setting.env} (option ${setting.option}) must be ${HINT[setting.kind]}, got ${JSON.stringify(raw)}`)
+      }
+      if ((setting.min !== undefined && n < setting.min) || (setting.max !== undefined && n > setting.max)) {
+        const range = setting.max === undefined ? `at least ${setting.min}` : `between ${setting.min} and ${setting.max}`
+        throw new ConfigError(`Invalid configuration: ${setting.env} (option ${setting.option}) must be ${range}${setting.kind === 'duration' ? ' ms' : ''}, got ${JSON.stringify(raw)}`)
+      }
+      value = n
+    } else if (setting.kind === 'boolean') {
+      value = /^(true|1|yes)$/i.test(text)
+    }
+    values[setting.option] = value
+  }
+
+  const workspaceDir = resolve(String(values.workspaceDir ?? process.cwd()))
+  let isDir = false
+  try {
+    isDir = statSync(workspaceDir).isDirectory()
+  } catch {}
+  if (!isDir) {
+    throw new ConfigError(`Invalid configuration: WORKSPACE_DIR (option workspaceDir) must be an existing directory, got ${JSON.stringify(workspaceDir)}`)
+  }
+
+  const config: AgentSessionsConfig = {
+    port: values.port as number,
+    host: values.host as string,
+    logLevel: values.logLevel as string,
+    workspaceDir,
+    cursorAgentBin: values.cursorAgentBin as string,
+    sessionTimeoutMs: values.sessionTimeout as number,
+    maxSessionTimeoutMs: values.maxSessionTimeout as number,
+    cleanupIntervalMs: values.cleanupInterval as number,
+    killGraceMs: values.killGrace as number,
+    killSignal: values.killSignal as NodeJS.Signals,
+    askTimeoutMs: values.askTimeout as number,
+    maxSessions: values.maxSessions as number,
+    maxQuestionBytes: values.maxQuestionBytes as number,
+    maxAnswerBytes: values.maxAnswerBytes as number,
+    bodyLimit: values.bodyLimit as number,
+    apiToken: values.apiToken as string | undefined,
+    agentModel: values.agentModel as string | undefined,
+    agentForce: values.agentForce as boolean,
+    agentTrust: values.agentTrust as boolean
+  }
+  if (config.sessionTimeoutMs > config.maxSessionTimeoutMs) {
+    throw new ConfigError('Invalid configuration: SESSION_TIMEOUT must not exceed MAX_SESSION_TIMEOUT')
+  }
+  return config
+}

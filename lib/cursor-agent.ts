@@ -1,0 +1,444 @@
+// One cursor-agent invocation per call: `create-chat`, one turn with
+// `--resume <chat>`, or `--version`. Each runs in its own process group, is
+// parsed as it streams, and is torn down through the teardown ladder on every
+// path (answer, failure, timeout, abort), so nothing it started survives.
+
+import { execa } from 'execa'
+import { AgentSessionError, type ErrorCode } from './errors.js'
+import { signalGroup, terminateProcessGroup, type TeardownReport } from './terminate.js'
+import type { Logger } from './logger.js'
+
+/** A running agent call: `result` settles as soon as the outcome is known, `finished` once no process of it is left. */
+export interface AgentRun<T> {
+  result: Promise<T>
+  finished: Promise<RunReport>
+}
+
+export interface RunReport {
+  pid: number | null
+  teardown: TeardownReport
+}
+
+export interface TurnAnswer {
+  answer: string
+  durationMs: number
+}
+
+export interface TurnOptions {
+  chatId: string
+  prompt: string
+  timeoutMs: number
+  /** Aborting tears the turn down; `result` rejects with the abort reason at once. */
+  signal?: AbortSignal
+}
+
+/**
+ * What the session manager needs from an agent driver. The per-turn process
+ * driver below implements it; a long-lived driver (one process per session
+ * speaking ACP) can implement it without touching routes or the reaper.
+ */
+export interface AgentRunner {
+  createChat (options: { timeoutMs: number, signal?: AbortSignal }): AgentRun<string>
+  startTurn (options: TurnOptions): AgentRun<TurnAnswer>
+  /** The agent's version string, or null when the binary does not answer. */
+  version (): Promise<string | null>
+  /** Last resort before a forced exit: SIGKILL every process group still running, synchronously. */
+  killAllNow (): number
+}
+
+export interface CursorAgentOptions {
+  bin: string
+  workspaceDir: string
+  /** Environment of every agent process, exactly (see agentEnvironment). */
+  env: Record<string, string | undefined>
+  killSignal: NodeJS.Signals
+  killGraceMs: number
+  model?: string
+  force: boolean
+  trust: boolean
+  /** Largest stdout a turn may produce before it is torn down. */
+  maxOutputBytes: number
+  log: Logger
+}
+
+const STDERR_TAIL_BYTES = 64 * 1024
+// After the main process exits, how long to wait for stderr to arrive: the
+// process can exit before flushing, but a worker-server child may hold the
+// pipe open forever.
+const STREAM_FLUSH_WAIT_MS = 500
+const VERSION_TIMEOUT_MS = 5000
+const CHAT_ID = /^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$/
+
+export class CursorAgentRunner implements AgentRunner {
+  readonly #options: CursorAgentOptions
+  // A turn still alive this long after its result is hanging (known
+  // cursor-agent bug); capped so the turn is gone within KILL_GRACE of it.
+  readonly #resultGraceMs: number
+  readonly #liveGroups = new Set<number>()
+
+  constructor (options: CursorAgentOptions) {
+    this.#options = options
+    this.#resultGraceMs = Math.min(1000, Math.floor(options.killGraceMs / 4))
+  }
+
+  turnArgs (chatId: string): string[] {
+    const o = this.#options
+    const args = ['-p', '--output-format', 'stream-json', '--resume', chatId, '--workspace', o.workspaceDir]
+    if (o.trust) args.push('--trust')
+    if (o.force) args.push('--force')
+    if (o.model !== undefined && o.model !== '') args.push('--model', o.model)
+    return args
+  }
+
+  createChat (options: { timeoutMs: number, signal?: AbortSignal }): AgentRun<string> {
+    let stdout = ''
+    return this.#run<string>({
+      args: ['create-chat'],
+      input: '',
+      timeoutMs: options.timeoutMs,
+      signal: options.signal,
+      what: 'create-chat',
+      onLine: (line) => {
+        stdout += line + '\n'
+        return undefined
+      },
+      onExit: (code) => {
+        if (code !== 0) return undefined
+        const chatId = stdout.trim().split(/\s+/).pop() ?? ''
+        if (!CHAT_ID.test(chatId)) {
+          return new AgentSessionError('PROCESS_COMMUNICATION_FAILED',
+            'cursor-agent create-chat did not print a chat id')
+        }
+        return { value: chatId }
+      }
+    })
+  }
+
+  startTurn (options: TurnOptions): AgentRun<TurnAnswer> {
+    const started = performance.now()
+    let assistantText = ''
+    return this.#run<TurnAnswer>({
+      args: this.turnArgs(options.chatId),
+      input: options.prompt,
+      timeoutMs: options.timeoutMs,
+      signal: options.signal,
+      what: 'turn',
+      onLine: (line) => {
+        const event = parseEvent(line)
+        if (event === null) return undefined
+        if (event.type === 'assistant') {
+          assistantText += assistantTextOf(event)
+          return undefined
+        }
+        if (event.type !== 'result') return undefined
+        if (event.is_error === true || (event.subtype !== undefined && event.subtype !== 'success')) {
+          const text = typeof event.result === 'string' && event.result !== '' ? event.result : 'the agent reported an error'
+          return classifyAgentFailure(text, 1)
+        }
+        const answer = typeof event.result === 'string' && event.result !== '' ? event.result : assistantText
+        return { value: { answer, durationMs: Math.round(performance.now() - started) } }
+      },
+      onExit: () => undefined
+    })
+  }
+
+  async version (): Promise<string | null> {
+    let first: string | null = null
+    const run = this.#run<string | null>({
+      args: ['--version'],
+      input: '',
+      timeoutMs: VERSION_TIMEOUT_MS,
+      what: 'version',
+      onLine: (line) => {
+        first ??= line.trim() === '' ? null : line.trim()
+        return undefined
+      },
+      onExit: (code) => ({ value: code === 0 ? first : null })
+    })
+    try {
+      return await run.result
+    } catch {
+      return null
+    } finally {
+      await run.finished
+    }
+  }
+
+  killAllNow (): number {
+    let killed = 0
+    for (const pgid of this.#liveGroups) {
+      if (signalGroup(pgid, 'SIGKILL')) killed++
+    }
+    return killed
+  }
+
+  #run<T> (spec: RunSpec<T>): AgentRun<T> {
+    const o = this.#options
+    const log = o.log
+    let settle!: { resolve: (value: T) => void, reject: (err: AgentSessionError) => void }
+    const result = new Promise<T>((resolve, reject) => { settle = { resolve, reject } })
+    let settled = false
+    let resultAt: number | null = null
+
+    if (spec.signal?.aborted === true) {
+      settled = true
+      result.catch(() => {})
+      settle.reject(abortError(spec.signal))
+      return { result, finished: Promise.resolve({ pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } }) }
+    }
+
+    const subprocess = execa(o.bin, spec.args, {
+      cwd: o.workspaceDir,
+      env: o.env,
+      extendEnv: false,
+      detached: true,
+      cleanup: false,
+      input: spec.input,
+      stdout: 'pipe',
+      stderr: 'pipe',
+      buffer: false,
+      reject: false,
+      encoding: 'utf8'
+    })
+    const pid = subprocess.pid ?? null
+    if (pid !== null) this.#liveGroups.add(pid)
+    // execa resolves once the process exited AND its pipes closed; never left unawaited.
+    const completion = subprocess.then((r) => r, (err: unknown) => err)
+
+    const finish = (outcome: { value: T } | AgentSessionError): void => {
+      if (settled) return
+      settled = true
+      if (outcome instanceof AgentSessionError) settle.reject(outcome)
+      else settle.resolve(outcome.value)
+    }
+
+    let stderrTail = ''
+    let stdoutBytes = 0
+    let pending = ''
+    let timer: NodeJS.Timeout | undefined
+    let mainExited = false
+    let onMainExit: (() => void) | null = null
+    const mainExit = new Promise<void>((resolve) => { onMainExit = resolve })
+
+    let teardown: (why: string) => void = () => {}
+    const tornDown = new Promise<TeardownReport>((resolve) => {
+      let started = false
+      teardown = (why: string) => {
+        if (started) return
+        started = true
+        clearTimeout(timer)
+        const run = async (): Promise<TeardownReport> => {
+          if (pid === null) return { stage: 'exited', signal: null, durationMs: 0 }
+          const report = await terminateProcessGroup(pid, { signal: o.killSignal, graceMs: o.killGraceMs })
+          // Everything that held the pipes is gone; close our ends so execa settles.
+          subprocess.stdout?.destroy()
+          subprocess.stderr?.destroy()
+          log.debug({ pid, what: spec.what, why, stage: report.stage, teardownMs: report.durationMs }, 'agent process group torn down')
+          return report
+        }
+        run().then(resolve, (err: unknown) => {
+          log.error({ err, pid, what: spec.what }, 'agent teardown failed')
+          resolve({ stage: 'killed', signal: 'SIGKILL', durationMs: 0 })
+        })
+      }
+    })
+
+    const onAbort = (): void => {
+      finish(abortError(spec.signal))
+      teardown('aborted')
+    }
+    spec.signal?.addEventListener('abort', onAbort, { once: true })
+
+    timer = setTimeout(() => {
+      finish(new AgentSessionError('REQUEST_TIMEOUT',
+        `cursor-agent ${spec.what} did not finish within ${spec.timeoutMs}ms`))
+      teardown('timeout')
+    }, spec.timeoutMs)
+
+    const handleLine = (line: string): void => {
+      if (settled) return
+      const outcome = spec.onLine(line)
+      if (outcome === undefined) return
+      finish(outcome)
+      resultAt = performance.now()
+      clearTimeout(timer)
+      // The answer is in; give the process a moment to exit by itself, then
+      // tear down whatever is left (a hang after result, worker-server children).
+      const grace = setTimeout(() => teardown('after result'), this.#resultGraceMs)
+      void mainExit.then(() => { clearTimeout(grace); teardown('after result') })
+    }
+
+    subprocess.stdout?.setEncoding('utf8')
+    subprocess.stdout?.on('data', (chunk: string) => {
+      stdoutBytes += Buffer.byteLength(chunk)
+      if (stdoutBytes > o.maxOutputBytes) {
+        finish(new AgentSessionError('PROCESS_COMMUNICATION_FAILED',
+          `cursor-agent produced more than ${o.maxOutputBytes} bytes of output`))
+        teardown('output too large')
+        return
+      }
+      pending += chunk
+      let newline: number
+      while ((newline = pending.indexOf('\n')) !== -1) {
+        const line = pending.slice(0, newline)
+        pending = pending.slice(newline + 1)
+        handleLine(line)
+      }
+    })
+    const stdoutEnded = streamEnd(subprocess.stdout)
+    const stderrEnded = streamEnd(subprocess.stderr)
+    subprocess.stderr?.setEncoding('utf8')
+    subprocess.stderr?.on('data', (chunk: string) => {
+      stderrTail = (stderrTail + chunk).slice(-STDERR_TAIL_BYTES)
+    })
+
+    subprocess.once('exit', (code: number | null, signal: NodeJS.Signals | null) => {
+      mainExited = true
+      onMainExit?.()
+      if (settled) {
+        teardown('exited')
+        return
+      }
+      // Let the last output arrive (it may come after the exit), but not forever.
+      void Promise.race([Promise.all([stdoutEnded, stderrEnded]), delay(STREAM_FLUSH_WAIT_MS)]).then(() => {
+        if (pending !== '') {
+          handleLine(pending)
+          pending = ''
+        }
+        if (!settled) {
+          const outcome = spec.onExit(code)
+          finish(outcome ?? classifyAgentFailure(stderrTail, code, signal))
+        }
+        teardown('exited')
+      })
+    })
+
+    void completion.then((r) => {
+      // Spawn failures (missing binary, not executable) never emit 'exit'.
+      const failure = r as { failed?: boolean, code?: string, exitCode?: number }
+      if (!mainExited && failure.failed === true && failure.exitCode === undefined) {
+        finish(spawnError(o.bin, failure.code))
+        teardown('spawn failed')
+      }
+    })
+
+    const finished = Promise.all([tornDown, completion]).then(([report]) => {
+      spec.signal?.removeEventListener('abort', onAbort)
+      if (pid !== null) this.#liveGroups.delete(pid)
+      if (resultAt !== null) {
+        log.debug({ pid, stage: report.stage, afterResultMs: Math.round(performance.now() - resultAt) }, 'agent turn finished')
+      }
+      return { pid, teardown: report }
+    })
+    result.catch(() => {})
+    return { result, finished }
+  }
+}
+
+interface RunSpec<T> {
+  args: string[]
+  input: string
+  timeoutMs: number
+  signal?: AbortSignal
+  what: string
+  /** A value or error settles the call; undefined reads on. */
+  onLine: (line: string) => { value: T } | AgentSessionError | undefined
+  /** Called when the main process exited without onLine settling the call. */
+  onExit: (code: number | null) => { value: T } | AgentSessionError | undefined
+}
+
+type AgentEvent = Record<string, unknown> & { type?: unknown }
+
+function parseEvent (line: string): AgentEvent | null {
+  const trimmed = line.trim()
+  if (!trimmed.startsWith('{')) return null
+  try {
+    const value: unknown = JSON.parse(trimmed)
+    return typeof value === 'object' && value !== null && !Array.isArray(value) ? value as AgentEvent : null
+  } catch {
+    return null
+  }
+}
+
+function assistantTextOf (event: AgentEvent): string {
+  const message = event.message as { content?: unknown } | undefined
+  if (!Array.isArray(message?.content)) return ''
+  let text = ''
+  for (const part of message.content as Array<{ type?: unknown, text?: unknown }>) {
+    if (part?.type === 'text' && typeof part.text === 'string') text += part.text
+  }
+  return text
+}
+
+const FAILURES: Array<[RegExp, ErrorCode, string, number?]> = [
+  [/authentication required|cursor-agent login|not logged in/i, 'AGENT_NOT_AUTHENTICATED',
+    'cursor-agent is not logged in on the server: run `cursor-agent login` there or set CURSOR_API_KEY'],
+  [/api key is invalid|invalid api key/i, 'AGENT_INVALID_API_KEY',
+    'cursor-agent rejected its API key: check CURSOR_API_KEY on the server'],
+  [/usage limit/i, 'AGENT_USAGE_LIMIT', 'The Cursor account has hit its usage limit', 3600],
+  [/rate limit|\b429\b|too many requests/i, 'AGENT_RATE_LIMITED', 'Cursor is rate limiting requests: try again shortly', 30],
+  [/cannot use this model/i, 'AGENT_UNKNOWN_MODEL', 'cursor-agent does not know the configured model'],
+  [/no previous chats found|chat .*not found/i, 'AGENT_CHAT_NOT_FOUND', 'cursor-agent no longer knows this session\'s chat']
+]
+
+/** Turns a failed invocation's stderr and exit status into the error the client sees. */
+export function classifyAgentFailure (stderr: string, exitCode: number | null, signal?: NodeJS.Signals | null): AgentSessionError {
+  const agentMessage = lastLines(stderr)
+  for (const [pattern, code, message, retryAfterSeconds] of FAILURES) {
+    if (pattern.test(stderr)) {
+      return new AgentSessionError(code, `${message}${agentMessage === '' ? '' : ` (cursor-agent: ${agentMessage})`}`,
+        { retryAfterSeconds })
+    }
+  }
+  const how = signal != null ? `was killed by ${signal}` : `exited with code ${String(exitCode)}`
+  const hint = /workspace trust/i.test(stderr) ? ' The workspace is not trusted: set AGENT_TRUST=true.' : ''
+  return new AgentSessionError('PROCESS_COMMUNICATION_FAILED',
+    `cursor-agent ${how}${agentMessage === '' ? ' without an answer' : `: ${agentMessage}`}${hint}`)
+}
+
+function lastLines (text: string): string {
+  const lines = text.split('\n').map((l) => l.trim()).filter((l) => l !== '')
+  const message = lines.slice(-3).join(' ')
+  return message.length > 500 ? message.slice(0, 500) + '…' : message
+}
+
+function spawnError (bin: string, code: string | undefined): AgentSessionError {
+  const why = code === 'ENOENT' ? 'was not found' : code === 'EACCES' ? 'is not executable' : `could not be started (${code ?? 'unknown error'})`
+  return new AgentSessionError('PROCESS_SPAWN_FAILED',
+    `cursor-agent ${why}: check CURSOR_AGENT_BIN (${bin})`)
+}
+
+function abortError (signal: AbortSignal | undefined): AgentSessionError {
+  const reason: unknown = signal?.reason
+  return reason instanceof AgentSessionError
+    ? reason
+    : new AgentSessionError('SERVICE_UNAVAILABLE', 'The request was cancelled')
+}
+
+function streamEnd (stream: NodeJS.ReadableStream | null | undefined): Promise<void> {
+  if (stream == null) return Promise.resolve()
+  return new Promise((resolve) => {
+    stream.once('end', resolve)
+    stream.once('close', resolve)
+    stream.once('error', () => resolve())
+  })
+}
+
+function delay (ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms).unref())
+}
+
+/**
+ * The environment an agent process gets: the server's own, less the service's
+ * settings and secrets (API_TOKEN must never reach a process that runs shell
+ * commands), plus what the operator adds explicitly.
+ */
+export function agentEnvironment (base: NodeJS.ProcessEnv, withhold: readonly string[], extra: Record<string, string> = {}): Record<string, string | undefined> {
+  const env: Record<string, string | undefined> = {}
+  const hidden = new Set(withhold)
+  for (const [key, value] of Object.entries(base)) {
+    if (!hidden.has(key) && value !== undefined) env[key] = value
+  }
+  return { ...env, ...extra }
+}
+

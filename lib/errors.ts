@@ -1,0 +1,82 @@
+// Typed errors shared by the core and the HTTP layer. Each carries the code and
+// HTTP status the API answers with, so routes never have to guess.
+
+export type SessionEndReason = 'expired' | 'ended' | 'shutdown'
+
+export const ERROR_STATUS = {
+  INVALID_REQUEST: 400,
+  UNAUTHORIZED: 401,
+  SESSION_NOT_FOUND: 404,
+  NOT_FOUND: 404,
+  SESSION_BUSY: 409,
+  PAYLOAD_TOO_LARGE: 413,
+  UNSUPPORTED_MEDIA_TYPE: 415,
+  RATE_LIMITED: 429,
+  AGENT_RATE_LIMITED: 429,
+  AGENT_USAGE_LIMIT: 429,
+  INTERNAL_SERVER_ERROR: 500,
+  PROCESS_SPAWN_FAILED: 502,
+  PROCESS_COMMUNICATION_FAILED: 502,
+  AGENT_NOT_AUTHENTICATED: 502,
+  AGENT_INVALID_API_KEY: 502,
+  AGENT_UNKNOWN_MODEL: 502,
+  AGENT_CHAT_NOT_FOUND: 502,
+  SESSION_LIMIT_REACHED: 503,
+  SERVICE_UNAVAILABLE: 503,
+  REQUEST_TIMEOUT: 504
+} as const
+
+export type ErrorCode = keyof typeof ERROR_STATUS
+
+export interface AgentSessionErrorOptions {
+  /** Extra top-level fields for the JSON error body (e.g. `reason`). */
+  extra?: Record<string, unknown>
+  /** Seconds a client should wait before retrying (sent as Retry-After). */
+  retryAfterSeconds?: number
+  cause?: unknown
+}
+
+export class AgentSessionError extends Error {
+  readonly code: ErrorCode
+  readonly statusCode: number
+  readonly extra: Record<string, unknown>
+  readonly retryAfterSeconds?: number
+
+  constructor (code: ErrorCode, message: string, options: AgentSessionErrorOptions = {}) {
+    super(message, { cause: options.cause })
+    this.name = 'AgentSessionError'
+    this.code = code
+    this.statusCode = ERROR_STATUS[code]
+    this.extra = options.extra ?? {}
+    this.retryAfterSeconds = options.retryAfterSeconds
+  }
+}
+
+export function isAgentSessionError (err: unknown): err is AgentSessionError {
+  return err instanceof AgentSessionError
+}
+
+export function sessionNotFound (sessionId: string, ended?: { reason: SessionEndReason, idleMs?: number }): AgentSessionError {
+  if (ended === undefined) {
+    return new AgentSessionError('SESSION_NOT_FOUND', `Session ${sessionId} not found`)
+  }
+  const why = ended.reason === 'expired'
+    ? `it expired after ${formatDuration(ended.idleMs ?? 0)} without activity`
+    : ended.reason === 'ended'
+      ? 'it was ended by the client'
+      : 'the server shut down'
+  return new AgentSessionError('SESSION_NOT_FOUND', `Session ${sessionId} not found: ${why}`, {
+    extra: { reason: ended.reason }
+  })
+}
+
+export function shuttingDown (): AgentSessionError {
+  return new AgentSessionError('SERVICE_UNAVAILABLE', 'The server is shutting down', { retryAfterSeconds: 5 })
+}
+
+export function formatDuration (ms: number): string {
+  if (ms < 1000) return `${Math.round(ms)}ms`
+  if (ms < 60_000) return `${Math.round(ms / 100) / 10}s`
+  if (ms < 3_600_000) return `${Math.round(ms / 6000) / 10}m`
+  return `${Math.round(ms / 360_000) / 10}h`
+}

@@ -1,0 +1,66 @@
+// Liveness and a summary an operator (or a phone app's status screen) can read.
+// Reading it is not session activity.
+
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
+import { Type } from '@fastify/type-provider-typebox'
+import { packageInfo } from '../lib/package-info.js'
+
+// Health is polled; asking the binary for its version on every poll would spawn a process each time.
+const AGENT_CHECK_TTL_MS = 30_000
+
+function cachedVersion (runner: () => Promise<string | null>): () => Promise<{ version: string | null, checkedAt: number }> {
+  let cached: { version: string | null, checkedAt: number } | null = null
+  let inFlight: Promise<{ version: string | null, checkedAt: number }> | null = null
+  return async () => {
+    if (cached !== null && Date.now() - cached.checkedAt < AGENT_CHECK_TTL_MS) return cached
+    inFlight ??= runner().then((version) => {
+      cached = { version, checkedAt: Date.now() }
+      inFlight = null
+      return cached
+    })
+    return await inFlight
+  }
+}
+
+const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
+  const manager = fastify.agentSessions
+  const config = fastify.agentSessionsConfig
+  const agentVersion = cachedVersion(() => manager.agentVersion())
+  const startedAt = performance.now()
+
+  fastify.get('/api/health', {
+    schema: {
+      summary: 'Service health',
+      tags: ['health'],
+      response: {
+        200: Type.Object({
+          status: Type.String(),
+          version: Type.String(),
+          uptime_seconds: Type.Number(),
+          active_sessions: Type.Integer(),
+          busy_sessions: Type.Integer(),
+          memory_usage_mb: Type.Number(),
+          agent: Type.Object({
+            binary: Type.String(),
+            available: Type.Boolean(),
+            version: Type.Union([Type.String(), Type.Null()])
+          })
+        })
+      }
+    }
+  }, async () => {
+    const counts = manager.counts()
+    const agent = await agentVersion()
+    return {
+      status: manager.closed ? 'shutting_down' : agent.version === null ? 'degraded' : 'ok',
+      version: packageInfo.version,
+      uptime_seconds: Math.floor((performance.now() - startedAt) / 1000),
+      active_sessions: counts.active,
+      busy_sessions: counts.busy,
+      memory_usage_mb: Math.round(process.memoryUsage().rss / 1024 / 1024 * 10) / 10,
+      agent: { binary: config.cursorAgentBin, available: agent.version !== null, version: agent.version }
+    }
+  })
+}
+
+export default healthRoutes

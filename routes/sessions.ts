@@ -1,0 +1,96 @@
+// Session lifecycle: start, heartbeat, end (Janus client API).
+
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
+import { Type } from '@fastify/type-provider-typebox'
+import { AgentSessionError } from '../lib/errors.js'
+import { parseDuration } from '../lib/config.js'
+import type { SessionInfo } from '../lib/session-manager.js'
+import { errors, Expiry, SessionQuery } from './schemas.js'
+
+const StartBody = Type.Union([
+  Type.Object({
+    idle_timeout: Type.Optional(Type.Union([Type.String({ maxLength: 32 }), Type.Integer({ minimum: 1 })], {
+      description: 'Idle timeout for this session: 500ms, 30s, 10m, 1h or milliseconds (capped by MAX_SESSION_TIMEOUT)'
+    }))
+  }, { additionalProperties: false }),
+  Type.Null()
+], { description: 'Optional; the Janus client sends no body' })
+
+function expiry (session: SessionInfo): { idle_timeout_seconds: number, expires_at: string } {
+  return {
+    idle_timeout_seconds: session.idleTimeoutMs / 1000,
+    expires_at: new Date(session.expiresAt).toISOString()
+  }
+}
+
+const sessionRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
+  const manager = fastify.agentSessions
+
+  fastify.post('/api/session/start', {
+    schema: {
+      summary: 'Start a session (runs cursor-agent create-chat)',
+      tags: ['sessions'],
+      body: Type.Optional(StartBody),
+      response: {
+        200: Type.Object({ session_id: Type.String(), message: Type.String(), ...Expiry }),
+        ...errors(400, 401, 429, 502, 503, 504)
+      }
+    }
+  }, async (request) => {
+    let idleTimeoutMs: number | undefined
+    const requested = request.body?.idle_timeout
+    if (requested !== undefined) {
+      idleTimeoutMs = parseDuration(requested)
+      if (idleTimeoutMs === undefined || idleTimeoutMs < 1) {
+        throw new AgentSessionError('INVALID_REQUEST', 'idle_timeout must be a duration such as 30s, 10m or 1h, or milliseconds')
+      }
+    }
+    const session = await manager.create({ idleTimeoutMs })
+    return { session_id: session.id, message: 'Session started', ...expiry(session) }
+  })
+
+  fastify.post('/api/heartbeat', {
+    schema: {
+      summary: 'Keep a session alive',
+      tags: ['sessions'],
+      querystring: SessionQuery,
+      response: {
+        200: Type.Object({
+          message: Type.String(),
+          session_id: Type.String(),
+          last_activity: Type.String({ format: 'date-time' }),
+          ...Expiry
+        }),
+        ...errors(400, 401, 404)
+      }
+    }
+  }, async (request) => {
+    const session = manager.touch(request.query.session_id)
+    return {
+      message: 'Heartbeat received',
+      session_id: session.id,
+      last_activity: new Date(session.lastActivity).toISOString(),
+      ...expiry(session)
+    }
+  })
+
+  fastify.post('/api/session/end', {
+    schema: {
+      summary: 'End a session and tear down its agent processes',
+      tags: ['sessions'],
+      querystring: SessionQuery,
+      response: {
+        200: Type.Object({ message: Type.String(), session_id: Type.String() }),
+        ...errors(400, 401, 404)
+      }
+    }
+  }, async (request) => {
+    const sessionId = request.query.session_id
+    // The session is gone at once; its processes are torn down in the
+    // background (shutdown waits for that), so the client is not held up.
+    void manager.end(sessionId, 'ended')
+    return { message: 'Session ended', session_id: sessionId }
+  })
+}
+
+export default sessionRoutes

@@ -1,0 +1,73 @@
+#!/usr/bin/env node
+// Standalone entry: read the environment, build Fastify with a logger, register
+// the app, close gracefully on SIGINT/SIGTERM, listen.
+
+import { randomUUID } from 'node:crypto'
+import type { IncomingMessage } from 'node:http'
+import Fastify from 'fastify'
+import closeWithGrace from 'close-with-grace'
+import envSchema from 'env-schema'
+import agentSessions from './app.js'
+import { ConfigError, describeEnvError, envJsonSchema, resolveConfig, type AgentSessionsConfig } from './lib/config.js'
+
+const REQUEST_ID = /^[\w.:-]{1,128}$/
+
+function loadConfig (): AgentSessionsConfig {
+  try {
+    let env: Record<string, unknown>
+    try {
+      env = envSchema({ schema: structuredClone(envJsonSchema), dotenv: false })
+    } catch (err) {
+      throw describeEnvError(err, process.env)
+    }
+    return resolveConfig(env)
+  } catch (err) {
+    if (!(err instanceof ConfigError)) throw err
+    console.error(err.message)
+    process.exit(1)
+  }
+}
+
+const config = loadConfig()
+
+const fastify = Fastify({
+  logger: { level: config.logLevel },
+  bodyLimit: config.bodyLimit,
+  // Reuse a well-formed X-Request-ID from the client (tracing across proxies), else make one.
+  requestIdHeader: false,
+  genReqId: (req: IncomingMessage) => {
+    const given = req.headers['x-request-id']
+    return typeof given === 'string' && REQUEST_ID.test(given) ? given : randomUUID()
+  },
+  // The app answers requests that arrive while closing itself, with its JSON error shape.
+  return503OnClosing: false
+})
+
+await fastify.register(agentSessions)
+
+closeWithGrace({
+  // Long enough for every session's teardown ladder (which runs in parallel).
+  delay: config.killGraceMs + 5000,
+  logger: false,
+  onSecondSignal (signal) {
+    const killed = fastify.agentSessions.killAllNow()
+    fastify.log.error({ signal, killedGroups: killed }, 'second signal: agent processes killed, exiting now')
+  },
+  onTimeout (delay) {
+    const killed = fastify.agentSessions.killAllNow()
+    fastify.log.error({ delayMs: delay, killedGroups: killed }, 'graceful close timed out: agent processes killed, exiting')
+  }
+}, async ({ signal, err }) => {
+  if (err !== undefined) fastify.log.error({ err }, 'fatal error, closing')
+  else fastify.log.info({ signal }, 'closing')
+  await fastify.close()
+  fastify.log.info('closed')
+})
+
+try {
+  await fastify.listen({ port: config.port, host: config.host })
+} catch (err) {
+  fastify.log.error({ err }, 'could not listen')
+  await fastify.close()
+  process.exit(1)
+}
