@@ -1,0 +1,205 @@
+import t from 'tap'
+import type { InjectOptions } from 'fastify'
+import { ask, build, sandbox, startSession, waitForGone } from './helpers/index.js'
+
+const JSON_HEADERS = { 'content-type': 'application/json' }
+
+t.test('the Janus client sequence: start, ask, heartbeat, end, then 404 everywhere', async (t) => {
+  const box = sandbox(t)
+  const app = await build(t, box)
+
+  // The Janus client posts Content-Type: application/json with NO body.
+  const start = await app.inject({ method: 'POST', url: '/api/session/start', headers: JSON_HEADERS })
+  t.equal(start.statusCode, 200, start.body)
+  const { session_id: id, message } = start.json()
+  t.match(id, /^[0-9a-f-]{36}$/)
+  t.type(message, 'string')
+  t.ok(start.headers['x-request-id'], 'X-Request-ID on every response')
+
+  const answer = await ask(app, id, 'What does app.ts do?')
+  t.equal(answer.statusCode, 200, answer.body)
+  t.same(answer.json(), { answer: 'Answer 1: you asked "What does app.ts do?"', session_id: id })
+
+  const beat = await app.inject({ method: 'POST', url: `/api/heartbeat?session_id=${id}`, headers: JSON_HEADERS })
+  t.equal(beat.statusCode, 200, beat.body)
+  t.equal(beat.json().session_id, id)
+  t.type(beat.json().message, 'string')
+  t.ok(!Number.isNaN(Date.parse(beat.json().last_activity)), 'last_activity is ISO 8601')
+  t.equal(new Date(beat.json().last_activity).toISOString(), beat.json().last_activity)
+
+  const end = await app.inject({ method: 'POST', url: `/api/session/end?session_id=${id}`, headers: JSON_HEADERS })
+  t.equal(end.statusCode, 200, end.body)
+  t.same(end.json(), { message: end.json().message, session_id: id })
+
+  for (const [method, url, payload] of [
+    ['POST', `/api/heartbeat?session_id=${id}`, undefined],
+    ['POST', `/api/ask?session_id=${id}`, { question: 'still there?' }],
+    ['POST', `/api/session/end?session_id=${id}`, undefined]
+  ] as const) {
+    const res = await app.inject({ method, url, headers: JSON_HEADERS, ...(payload === undefined ? {} : { payload }) })
+    t.equal(res.statusCode, 404, `${url} after end`)
+    const body = res.json()
+    t.equal(body.error, 'SESSION_NOT_FOUND')
+    t.equal(body.reason, 'ended')
+    t.match(body.details, /ended by the client/)
+    t.equal(body.request_id, res.headers['x-request-id'])
+    t.ok(!Number.isNaN(Date.parse(body.timestamp)))
+  }
+  t.same(await waitForGone(box.pids().map((p) => p.pid), 3000), [], 'no agent process left')
+})
+
+t.test('two sessions keep separate chats', async (t) => {
+  const box = sandbox(t)
+  const app = await build(t, box)
+  const a = await startSession(app)
+  const b = await startSession(app)
+  t.not(a, b)
+  t.equal((await ask(app, a, 'remember the banana')).statusCode, 200)
+  t.equal((await ask(app, a, 'and the apple')).statusCode, 200)
+  t.equal((await ask(app, b, 'remember the cherry')).statusCode, 200)
+  t.equal((await ask(app, a, 'show the history')).json().answer,
+    'This chat has 2 earlier questions: remember the banana | and the apple')
+  t.equal((await ask(app, b, 'show the history')).json().answer,
+    'This chat has 1 earlier questions: remember the cherry')
+})
+
+t.test('a question that looks like a flag reaches the agent as text on stdin, never as argv', async (t) => {
+  const box = sandbox(t)
+  const app = await build(t, box)
+  const id = await startSession(app)
+  const res = await ask(app, id, '--version')
+  t.equal(res.json().answer, 'Answer 1: you asked "--version"')
+  const argv = JSON.parse((await ask(app, id, '--force --help [[show:argv]]')).json().answer) as string[]
+  t.notOk(argv.includes('--help'), 'the question is not in argv')
+  t.same(argv.slice(0, 5), ['-p', '--output-format', 'stream-json', '--resume', argv[4]])
+  t.ok(argv.includes('--trust'), 'headless runs trust the configured workspace by default')
+  t.notOk(argv.includes('--force'), '--force only when AGENT_FORCE is set')
+})
+
+t.test('request errors are JSON with a code, and the server keeps running', async (t) => {
+  const box = sandbox(t)
+  const app = await build(t, box)
+  const id = await startSession(app)
+
+  const cases: Array<{ name: string, req: InjectOptions, status: number, code: string }> = [
+    { name: 'missing session_id', req: { method: 'POST', url: '/api/heartbeat' }, status: 400, code: 'INVALID_REQUEST' },
+    { name: 'empty session_id', req: { method: 'POST', url: '/api/heartbeat?session_id=' }, status: 400, code: 'INVALID_REQUEST' },
+    { name: 'unknown session', req: { method: 'POST', url: '/api/heartbeat?session_id=6b1c1a7e-0000-4000-8000-000000000000' }, status: 404, code: 'SESSION_NOT_FOUND' },
+    { name: 'malformed session id', req: { method: 'POST', url: '/api/session/end?session_id=%27%3B--' }, status: 404, code: 'SESSION_NOT_FOUND' },
+    { name: 'ask without body', req: { method: 'POST', url: `/api/ask?session_id=${id}`, headers: JSON_HEADERS }, status: 400, code: 'INVALID_REQUEST' },
+    { name: 'ask with broken JSON', req: { method: 'POST', url: `/api/ask?session_id=${id}`, headers: JSON_HEADERS, payload: '{"question":' }, status: 400, code: 'INVALID_REQUEST' },
+    { name: 'ask with an object', req: { method: 'POST', url: `/api/ask?session_id=${id}`, payload: { question: { text: 'x' } } }, status: 400, code: 'INVALID_REQUEST' },
+    { name: 'ask with null', req: { method: 'POST', url: `/api/ask?session_id=${id}`, payload: { question: null } }, status: 400, code: 'INVALID_REQUEST' },
+    { name: 'ask with a blank question', req: { method: 'POST', url: `/api/ask?session_id=${id}`, payload: { question: '   ' } }, status: 400, code: 'INVALID_REQUEST' },
+    { name: 'ask with an empty question', req: { method: 'POST', url: `/api/ask?session_id=${id}`, payload: { question: '' } }, status: 400, code: 'INVALID_REQUEST' },
+    { name: 'proto poisoning', req: { method: 'POST', url: `/api/ask?session_id=${id}`, headers: JSON_HEADERS, payload: '{"question":"x","__proto__":{"a":1}}' }, status: 400, code: 'INVALID_REQUEST' },
+    { name: 'unsupported media type', req: { method: 'POST', url: `/api/ask?session_id=${id}`, headers: { 'content-type': 'application/xml' }, payload: '<q/>' }, status: 415, code: 'UNSUPPORTED_MEDIA_TYPE' },
+    { name: 'unknown route', req: { method: 'GET', url: '/api/nope' }, status: 404, code: 'NOT_FOUND' },
+    { name: 'bad idle_timeout', req: { method: 'POST', url: '/api/session/start', payload: { idle_timeout: 'soon' } }, status: 400, code: 'INVALID_REQUEST' }
+  ]
+  for (const c of cases) {
+    const res = await app.inject(c.req)
+    t.equal(res.statusCode, c.status, `${c.name}: ${res.body}`)
+    t.equal(res.json().error, c.code, c.name)
+    t.type(res.json().details, 'string', c.name)
+    t.ok(res.headers['x-request-id'], `${c.name} has X-Request-ID`)
+  }
+  t.equal((await ask(app, id, 'still fine?')).statusCode, 200, 'the session still works')
+})
+
+t.test('a question over MAX_QUESTION_BYTES is 413 and nothing runs', async (t) => {
+  const box = sandbox(t)
+  const app = await build(t, box, { maxQuestionBytes: 100 })
+  const id = await startSession(app)
+  const before = box.pids().length
+  const res = await ask(app, id, 'é'.repeat(60))
+  t.equal(res.statusCode, 413)
+  t.equal(res.json().error, 'PAYLOAD_TOO_LARGE')
+  t.match(res.json().details, /MAX_QUESTION_BYTES/)
+  t.equal(box.pids().length, before, 'no agent process was started')
+})
+
+t.test('one turn at a time: a second ask on a busy session is 409', async (t) => {
+  const box = sandbox(t)
+  const app = await build(t, box)
+  const id = await startSession(app)
+  const slow = ask(app, id, 'take your time [[fault:slow=1500]]')
+  await new Promise((resolve) => setTimeout(resolve, 400))
+  const busy = await ask(app, id, 'me too')
+  t.equal(busy.statusCode, 409)
+  t.equal(busy.json().error, 'SESSION_BUSY')
+  t.ok(busy.headers['retry-after'])
+  const other = await startSession(app)
+  t.equal((await ask(app, other, 'another session is not blocked')).statusCode, 200)
+  t.equal((await slow).statusCode, 200)
+  t.equal((await ask(app, id, 'now it is free')).statusCode, 200)
+})
+
+t.test('ending a session answers its in-flight ask with a JSON error, not a hang', async (t) => {
+  const box = sandbox(t)
+  const app = await build(t, box)
+  const id = await startSession(app)
+  const pending = ask(app, id, 'long one [[fault:stall]] [[fault:ignore-sigterm]] [[fault:grandchild]]')
+  await new Promise((resolve) => setTimeout(resolve, 500))
+  const end = await app.inject({ method: 'POST', url: `/api/session/end?session_id=${id}` })
+  t.equal(end.statusCode, 200)
+  const res = await pending
+  t.equal(res.statusCode, 404)
+  t.equal(res.json().error, 'SESSION_NOT_FOUND')
+  t.equal(res.json().reason, 'ended')
+  const pids = box.pids().map((p) => p.pid)
+  t.ok(pids.length >= 3, 'create-chat, the turn and its grandchild were recorded')
+  t.same(await waitForGone(pids, 1000 + 1500), [], 'gone within KILL_GRACE + 1.5 s')
+})
+
+t.test('health reports sessions, version and whether the agent answers', async (t) => {
+  const box = sandbox(t)
+  const app = await build(t, box)
+  await startSession(app)
+  const res = await app.inject({ method: 'GET', url: '/api/health' })
+  t.equal(res.statusCode, 200)
+  const body = res.json()
+  t.equal(body.status, 'ok')
+  t.match(body.version, /^\d+\.\d+\.\d+/)
+  t.equal(body.active_sessions, 1)
+  t.equal(body.busy_sessions, 0)
+  t.type(body.uptime_seconds, 'number')
+  t.ok(body.memory_usage_mb > 0)
+  t.same(body.agent, { binary: body.agent.binary, available: true, version: '2026.11.20-fake' })
+
+  const missing = await build(t, box, { cursorAgentBin: '/nonexistent/cursor-agent' })
+  const degraded = (await missing.inject({ method: 'GET', url: '/api/health' })).json()
+  t.equal(degraded.status, 'degraded')
+  t.same(degraded.agent, { binary: '/nonexistent/cursor-agent', available: false, version: null })
+})
+
+t.test('a client X-Request-ID is kept when well-formed', async (t) => {
+  const box = sandbox(t)
+  const app = await build(t, box)
+  const res = await app.inject({ method: 'POST', url: '/api/heartbeat', headers: { 'x-request-id': 'abc' } })
+  // The test app uses Fastify's default request ids; the server wires the header (see server tests).
+  t.ok(res.headers['x-request-id'])
+  t.equal(res.json().request_id, res.headers['x-request-id'])
+})
+
+t.test('a 5xx never leaks internals', async (t) => {
+  const box = sandbox(t)
+  const app = await build(t, box, {
+    runner: {
+      createChat: () => {
+        const result = Promise.reject(new Error('secret internal detail at /home/x/.cursor'))
+        result.catch(() => {})
+        return { result, finished: Promise.resolve({ pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } }) }
+      },
+      startTurn: () => { throw new Error('unused') },
+      version: async () => 'test',
+      killAllNow: () => 0
+    }
+  })
+  const res = await app.inject({ method: 'POST', url: '/api/session/start' })
+  t.equal(res.statusCode, 500)
+  t.equal(res.json().error, 'INTERNAL_SERVER_ERROR')
+  t.notMatch(res.body, /secret|home/)
+  t.equal(app.agentSessions.counts().starting, 0, 'the failed start is not counted')
+  t.equal(app.agentSessions.counts().active, 0)
+})

@@ -1,0 +1,113 @@
+// Test helpers: build the app against the simulator, read the pids it
+// recorded, and prove they are gone.
+
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import fp from 'fastify-plugin'
+import Fastify, { type FastifyInstance, type LightMyRequestResponse } from 'fastify'
+import agentSessions, { type AgentSessionsOptions } from '../../app.js'
+import { isProcessAlive, signalGroup } from '../../lib/terminate.js'
+
+export const SIMULATOR = fileURLToPath(new URL('../fixtures/fake-cursor-agent.mjs', import.meta.url))
+export const ROOT = fileURLToPath(new URL('../..', import.meta.url))
+
+interface TapLike {
+  after: (fn: () => unknown) => void
+  teardown?: (fn: () => unknown) => void
+}
+
+export interface Sandbox {
+  stateDir: string
+  pids: () => Array<{ pid: number, role: string }>
+}
+
+/** A fresh simulator state dir (chats + pid log), removed after the test; every recorded pid is killed then too. */
+export function sandbox (t: TapLike): Sandbox {
+  const stateDir = mkdtempSync(join(tmpdir(), 'agent-sessions-test-'))
+  const pids = (): Array<{ pid: number, role: string }> => {
+    let text = ''
+    try {
+      text = readFileSync(join(stateDir, 'pids.log'), 'utf8')
+    } catch {}
+    return text.split('\n').filter(Boolean).map((line) => {
+      const [pid, role] = line.split(' ')
+      return { pid: Number(pid), role }
+    })
+  }
+  t.after(() => {
+    // Safety net only: the assertions that count are in the tests.
+    for (const { pid } of pids()) {
+      try { process.kill(pid, 'SIGKILL') } catch {}
+      signalGroup(pid, 'SIGKILL')
+    }
+    rmSync(stateDir, { recursive: true, force: true })
+  })
+  return { stateDir, pids }
+}
+
+export interface BuildOptions extends AgentSessionsOptions {
+  logger?: boolean | object
+}
+
+/** The app as a host would register it, ready, closed after the test. */
+export async function build (t: TapLike, box: Sandbox, options: BuildOptions = {}): Promise<FastifyInstance> {
+  const { logger = false, ...pluginOptions } = options
+  const app = Fastify({ logger: logger as boolean, return503OnClosing: false })
+  // fastify-plugin lifts the app's decorators to the test instance, so tests can reach the manager.
+  await app.register(fp(agentSessions), {
+    cursorAgentBin: SIMULATOR,
+    workspaceDir: ROOT,
+    killGrace: '1s',
+    askTimeout: '10s',
+    ...pluginOptions,
+    agentEnv: { FAKE_AGENT_STATE_DIR: box.stateDir, ...pluginOptions.agentEnv }
+  })
+  await app.ready()
+  t.after(() => app.close())
+  return app
+}
+
+export async function startSession (app: FastifyInstance, body?: object): Promise<string> {
+  const res = await app.inject({
+    method: 'POST',
+    url: '/api/session/start',
+    headers: { 'content-type': 'application/json' },
+    ...(body === undefined ? {} : { payload: body })
+  })
+  if (res.statusCode !== 200) throw new Error(`start failed: ${res.statusCode} ${res.body}`)
+  return res.json().session_id
+}
+
+export async function ask (app: FastifyInstance, sessionId: string, question: string): Promise<LightMyRequestResponse> {
+  return await app.inject({
+    method: 'POST',
+    url: `/api/ask?session_id=${encodeURIComponent(sessionId)}`,
+    payload: { question }
+  })
+}
+
+/** Waits until none of the pids runs (zombies count as gone); returns those still alive at the deadline. */
+export async function waitForGone (pids: number[], timeoutMs: number): Promise<number[]> {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    const alive = pids.filter(isProcessAlive)
+    if (alive.length === 0 || Date.now() >= deadline) return alive
+    await sleep(25)
+  }
+}
+
+export async function waitFor<T> (probe: () => T | undefined | false, timeoutMs: number, what: string): Promise<T> {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    const value = probe()
+    if (value !== undefined && value !== false) return value
+    if (Date.now() >= deadline) throw new Error(`timed out waiting for ${what}`)
+    await sleep(20)
+  }
+}
+
+export function sleep (ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms))
+}
