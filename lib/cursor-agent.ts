@@ -67,7 +67,7 @@ const STDERR_TAIL_BYTES = 64 * 1024
 // pipe open forever.
 const STREAM_FLUSH_WAIT_MS = 500
 const VERSION_TIMEOUT_MS = 5000
-const CHAT_ID = /^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$/
+const CHAT_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
 
 export class CursorAgentRunner implements AgentRunner {
   readonly #options: CursorAgentOptions
