@@ -83,8 +83,12 @@ export interface AgentSessionsSettings {
   agentTrust?: boolean
 }
 
-/** Environment variables that belong to this service: never passed on to the agent. */
-export const SERVICE_ENV_NAMES: readonly string[] = SETTINGS.map((s) => s.env)
+/**
+ * Environment variables that belong to this service: never passed on to the
+ * agent. NODE_OPTIONS too: cursor-agent is a Node program, and the service's
+ * own flags (--inspect, heap sizes, loaders) are not meant for it.
+ */
+export const SERVICE_ENV_NAMES: readonly string[] = [...SETTINGS.map((s) => s.env), 'NODE_OPTIONS']
 
 const DURATION = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$/
 const UNIT_MS = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 } as const
