@@ -262,7 +262,8 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       return report
     })()
     this.#closing.set(sessionId, teardown)
-    void teardown.finally(() => this.#closing.delete(sessionId))
+    const forget = (): void => { this.#closing.delete(sessionId) }
+    teardown.then(forget, forget)
     return teardown
   }
 
@@ -295,9 +296,15 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
   /** Ends every session in parallel and waits until no agent process is left. */
   async endAll (reason: SessionEndReason): Promise<EndReport[]> {
     const ending = [...this.#sessions.keys()].map((id) => this.end(id, reason))
-    const reports = await Promise.all([...ending, ...this.#closing.values()])
+    // One failure must not stop the wait for the others.
+    const results = await Promise.allSettled([...ending, ...this.#closing.values()])
     await Promise.all(this.#running)
-    return [...new Map(reports.map((r) => [r.sessionId, r])).values()]
+    const reports = new Map<string, EndReport>()
+    for (const result of results) {
+      if (result.status === 'fulfilled') reports.set(result.value.sessionId, result.value)
+      else this.#log.error({ err: result.reason }, 'ending a session failed')
+    }
+    return [...reports.values()]
   }
 
   /** Refuses new work, cancels everything in flight and ends every session. */

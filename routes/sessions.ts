@@ -88,7 +88,9 @@ const sessionRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     const sessionId = request.query.session_id
     // The session is gone at once; its processes are torn down in the
     // background (shutdown waits for that), so the client is not held up.
-    void manager.end(sessionId, 'ended')
+    manager.end(sessionId, 'ended').catch((err: unknown) => {
+      request.log.error({ err, sessionId }, 'ending the session failed')
+    })
     return { message: 'Session ended', session_id: sessionId }
   })
 }
