@@ -44,12 +44,21 @@ const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
             binary: Type.String(),
             available: Type.Boolean(),
             version: Type.Union([Type.String(), Type.Null()])
+          }),
+          reaper: Type.Object({
+            running: Type.Boolean(),
+            interval_seconds: Type.Number(),
+            session_timeout_seconds: Type.Number(),
+            last_sweep_at: Type.Union([Type.String({ format: 'date-time' }), Type.Null()]),
+            sweeps: Type.Integer(),
+            sessions_reaped: Type.Integer()
           })
         })
       }
     }
   }, async () => {
     const counts = manager.counts()
+    const reaper = fastify.agentSessionsReaper.stats()
     const agent = await agentVersion()
     return {
       status: manager.closed ? 'shutting_down' : agent.version === null ? 'degraded' : 'ok',
@@ -58,7 +67,15 @@ const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       active_sessions: counts.active,
       busy_sessions: counts.busy,
       memory_usage_mb: Math.round(process.memoryUsage().rss / 1024 / 1024 * 10) / 10,
-      agent: { binary: config.cursorAgentBin, available: agent.version !== null, version: agent.version }
+      agent: { binary: config.cursorAgentBin, available: agent.version !== null, version: agent.version },
+      reaper: {
+        running: reaper.running,
+        interval_seconds: config.cleanupIntervalMs / 1000,
+        session_timeout_seconds: config.sessionTimeoutMs / 1000,
+        last_sweep_at: reaper.lastSweepAt === null ? null : new Date(reaper.lastSweepAt).toISOString(),
+        sweeps: reaper.sweeps,
+        sessions_reaped: reaper.reaped
+      }
     }
   })
 }

@@ -3,12 +3,12 @@
 // JSON error, the session stays usable, and every recorded pid is gone.
 
 import t from 'tap'
-import { ask, build, sandbox, startSession, waitForGone } from './helpers/index.js'
+import { ask, build, sandbox, startSession, waitForGone, type BuildOptions } from './helpers/index.js'
 
 const KILL_GRACE_MS = 1000
 
 t.test('start fails cleanly, creating no session', async (t) => {
-  const cases = [
+  const cases: Array<{ name: string, options: BuildOptions, status: number, code: string, details: RegExp }> = [
     { name: 'not logged in', options: { agentEnv: { FAKE_AGENT_FAULTS: 'not-logged-in' } }, status: 502, code: 'AGENT_NOT_AUTHENTICATED', details: /cursor-agent login.*CURSOR_API_KEY/ },
     { name: 'invalid key', options: { agentEnv: { CURSOR_API_KEY: 'invalid' } }, status: 502, code: 'AGENT_INVALID_API_KEY', details: /API key/ },
     { name: 'missing binary', options: { cursorAgentBin: '/nonexistent/cursor-agent' }, status: 502, code: 'PROCESS_SPAWN_FAILED', details: /CURSOR_AGENT_BIN.*\/nonexistent\/cursor-agent/ },
