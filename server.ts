@@ -8,7 +8,8 @@ import Fastify from 'fastify'
 import closeWithGrace from 'close-with-grace'
 import envSchema from 'env-schema'
 import agentSessions from './app.js'
-import { ConfigError, describeEnvError, envJsonSchema, resolveConfig, type AgentSessionsConfig } from './lib/config.js'
+import { killTrackedGroupsNow } from './lib/terminate.js'
+import { ConfigError, describeEnvError, envJsonSchema, exposureError, resolveConfig, type AgentSessionsConfig } from './lib/config.js'
 
 const REQUEST_ID = /^[\w.:-]{1,128}$/
 
@@ -20,7 +21,11 @@ function loadConfig (): AgentSessionsConfig {
     } catch (err) {
       throw describeEnvError(err, process.env)
     }
-    return resolveConfig(env)
+    const config = resolveConfig(env)
+    // Closed by default: no unauthenticated API beyond this machine unless the operator says so.
+    const exposed = exposureError(config)
+    if (exposed !== undefined) throw exposed
+    return config
   } catch (err) {
     if (!(err instanceof ConfigError)) throw err
     console.error(err.message)
@@ -50,11 +55,11 @@ closeWithGrace({
   delay: config.killGraceMs + 5000,
   logger: false,
   onSecondSignal (signal) {
-    const killed = fastify.agentSessions.killAllNow()
+    const killed = killTrackedGroupsNow()
     fastify.log.error({ signal, killedGroups: killed }, 'second signal: agent processes killed, exiting now')
   },
   onTimeout (delay) {
-    const killed = fastify.agentSessions.killAllNow()
+    const killed = killTrackedGroupsNow()
     fastify.log.error({ delayMs: delay, killedGroups: killed }, 'graceful close timed out: agent processes killed, exiting')
   }
 }, async ({ signal, err }) => {

@@ -5,7 +5,7 @@
 
 import { execa } from 'execa'
 import { AgentSessionError, type ErrorCode } from './errors.js'
-import { signalGroup, terminateProcessGroup, type TeardownReport } from './terminate.js'
+import { terminateProcessGroup, trackGroup, untrackGroup, type TeardownReport } from './terminate.js'
 import type { Logger } from './logger.js'
 
 /** A running agent call: `result` settles as soon as the outcome is known, `finished` once no process of it is left. */
@@ -42,8 +42,6 @@ export interface AgentRunner {
   startTurn (options: TurnOptions): AgentRun<TurnAnswer>
   /** The agent's version string, or null when the binary does not answer. */
   version (): Promise<string | null>
-  /** Last resort before a forced exit: SIGKILL every process group still running, synchronously. */
-  killAllNow (): number
 }
 
 export interface CursorAgentOptions {
@@ -74,7 +72,6 @@ export class CursorAgentRunner implements AgentRunner {
   // A turn still alive this long after its result is hanging (known
   // cursor-agent bug); capped so the turn is gone within KILL_GRACE of it.
   readonly #resultGraceMs: number
-  readonly #liveGroups = new Set<number>()
 
   constructor (options: CursorAgentOptions) {
     this.#options = options
@@ -164,14 +161,6 @@ export class CursorAgentRunner implements AgentRunner {
     }
   }
 
-  killAllNow (): number {
-    let killed = 0
-    for (const pgid of this.#liveGroups) {
-      if (signalGroup(pgid, 'SIGKILL')) killed++
-    }
-    return killed
-  }
-
   #run<T> (spec: RunSpec<T>): AgentRun<T> {
     const o = this.#options
     const log = o.log
@@ -201,7 +190,7 @@ export class CursorAgentRunner implements AgentRunner {
       encoding: 'utf8'
     })
     const pid = subprocess.pid ?? null
-    if (pid !== null) this.#liveGroups.add(pid)
+    if (pid !== null) trackGroup(pid)
     // execa resolves once the process exited AND its pipes closed; never left unawaited.
     const completion = subprocess.then((r) => r, (err: unknown) => err)
 
@@ -324,7 +313,7 @@ export class CursorAgentRunner implements AgentRunner {
 
     const finished = Promise.all([tornDown, completion]).then(([report]) => {
       spec.signal?.removeEventListener('abort', onAbort)
-      if (pid !== null) this.#liveGroups.delete(pid)
+      if (pid !== null) untrackGroup(pid)
       if (resultAt !== null) {
         log.debug({ pid, stage: report.stage, afterResultMs: Math.round(performance.now() - resultAt) }, 'agent turn finished')
       }

@@ -321,11 +321,6 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     return this.#runner.version()
   }
 
-  /** SIGKILLs every agent process group at once: for a forced exit that cannot wait for teardown. */
-  killAllNow (): number {
-    return this.#runner.killAllNow()
-  }
-
   list (): SessionInfo[] {
     return [...this.#sessions.values()].map(toInfo)
   }

@@ -78,6 +78,30 @@ export function isProcessAlive (pid: number): boolean {
 }
 
 // ---------------------------------------------------------------------------
+// Every agent process group still running in this process, whichever app
+// instance started it: the last resort before a forced exit must reach them
+// all without going through Fastify.
+
+const trackedGroups = new Set<number>()
+
+export function trackGroup (pgid: number): void {
+  trackedGroups.add(pgid)
+}
+
+export function untrackGroup (pgid: number): void {
+  trackedGroups.delete(pgid)
+}
+
+/** SIGKILLs every tracked group at once, synchronously; returns how many were signalled. */
+export function killTrackedGroupsNow (): number {
+  let killed = 0
+  for (const pgid of trackedGroups) {
+    if (signalGroup(pgid, 'SIGKILL')) killed++
+  }
+  return killed
+}
+
+// ---------------------------------------------------------------------------
 // One shared poller for every group being waited on: tearing down 200 sessions
 // at once costs one /proc scan per tick, not 200.
 

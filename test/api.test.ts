@@ -192,8 +192,7 @@ t.test('a 5xx never leaks internals', async (t) => {
         return { result, finished: Promise.resolve({ pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } }) }
       },
       startTurn: () => { throw new Error('unused') },
-      version: async () => 'test',
-      killAllNow: () => 0
+      version: async () => 'test'
     }
   })
   const res = await app.inject({ method: 'POST', url: '/api/session/start' })

@@ -50,8 +50,4 @@ export class FakeRunner implements AgentRunner {
   async version (): Promise<string> {
     return 'fake'
   }
-
-  killAllNow (): number {
-    return 0
-  }
 }

@@ -1,0 +1,173 @@
+// The built server as its own process: start-up, signals, shutdown with stuck
+// turns, and a bad configuration. `npm test` builds dist/ before tap runs.
+
+import t from 'tap'
+import { spawn, type ChildProcess } from 'node:child_process'
+import { existsSync } from 'node:fs'
+import { join } from 'node:path'
+import { ROOT, SIMULATOR, sandbox, waitFor, waitForGone, type Sandbox } from './helpers/index.js'
+
+const SERVER = join(ROOT, 'dist', 'server.js')
+
+// The server's children must not inherit tap's loader hooks.
+function cleanEnv (extra: Record<string, string>): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = {}
+  for (const [key, value] of Object.entries(process.env)) {
+    if (key !== 'NODE_OPTIONS' && !key.startsWith('TAP') && !key.startsWith('_TAPJS')) env[key] = value
+  }
+  return { ...env, ...extra }
+}
+
+interface Server {
+  proc: ChildProcess
+  url: string
+  logs: Array<Record<string, unknown>>
+  exited: Promise<{ code: number | null, signal: NodeJS.Signals | null, at: number }>
+}
+
+async function startServer (t: { after: (fn: () => unknown) => void }, box: Sandbox, env: Record<string, string> = {}): Promise<Server> {
+  const proc = spawn(process.execPath, [SERVER], {
+    cwd: ROOT,
+    env: cleanEnv({
+      PORT: '0',
+      HOST: '127.0.0.1',
+      CURSOR_AGENT_BIN: SIMULATOR,
+      FAKE_AGENT_STATE_DIR: box.stateDir,
+      KILL_GRACE: '1s',
+      LOG_LEVEL: 'info',
+      ...env
+    }),
+    stdio: ['ignore', 'pipe', 'pipe']
+  })
+  t.after(() => { if (proc.exitCode === null) proc.kill('SIGKILL') })
+  const logs: Array<Record<string, unknown>> = []
+  let buffered = ''
+  proc.stdout!.on('data', (chunk: Buffer) => {
+    buffered += String(chunk)
+    let nl: number
+    while ((nl = buffered.indexOf('\n')) !== -1) {
+      const line = buffered.slice(0, nl)
+      buffered = buffered.slice(nl + 1)
+      try { logs.push(JSON.parse(line)) } catch {}
+    }
+  })
+  proc.stderr!.on('data', (chunk: Buffer) => { logs.push({ stderr: String(chunk) }) })
+  const exited = new Promise<{ code: number | null, signal: NodeJS.Signals | null, at: number }>((resolve) => {
+    proc.once('exit', (code, signal) => resolve({ code, signal, at: Date.now() }))
+  })
+  const listening = await waitFor(() => logs.find((l) => typeof l.msg === 'string' && l.msg.startsWith('Server listening at http://127.0.0.1')), 15_000, 'the server to listen')
+  const url = /http:\/\/127\.0\.0\.1:\d+/.exec(listening.msg as string)![0]
+  return { proc, url, logs, exited }
+}
+
+async function post (url: string, body?: object): Promise<{ status: number, json: Record<string, any>, headers: Headers }> {
+  const res = await fetch(url, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    ...(body === undefined ? {} : { body: JSON.stringify(body) })
+  })
+  return { status: res.status, json: await res.json() as Record<string, any>, headers: res.headers }
+}
+
+t.before(() => {
+  if (!existsSync(SERVER)) throw new Error('dist/server.js is missing: run `npm run build` (npm test does)')
+})
+
+t.test('SIGTERM with stuck turns in flight: asks get 503, exit 0 within KILL_GRACE + 2 s, no agent left', async (t) => {
+  const box = sandbox(t)
+  const server = await startServer(t, box)
+  const ids: string[] = []
+  for (let i = 0; i < 3; i++) ids.push((await post(`${server.url}/api/session/start`)).json.session_id)
+  const asks = ids.map((id) => post(`${server.url}/api/ask?session_id=${id}`, { question: 'stuck [[fault:stall]] [[fault:ignore-sigterm]] [[fault:grandchild]]' }))
+  await waitFor(() => box.pids().filter((p) => p.role === 'grandchild').length === 3, 10_000, 'three stuck turns')
+
+  const signalledAt = Date.now()
+  server.proc.kill('SIGTERM')
+  for (const res of await Promise.all(asks)) {
+    t.equal(res.status, 503)
+    t.equal(res.json.error, 'SERVICE_UNAVAILABLE')
+    t.equal(res.headers.get('connection'), 'close', 'a closing server tells keep-alive clients to go')
+  }
+  const exit = await server.exited
+  const took = exit.at - signalledAt
+  t.equal(exit.code, 0, 'exit code 0')
+  t.ok(took < 1000 + 2000, `exited ${took} ms after SIGTERM (KILL_GRACE 1000 ms)`)
+  t.same(await waitForGone(box.pids().map((p) => p.pid), 1000), [], 'no agent pid outlives the server')
+  const ended = server.logs.filter((l) => l.msg === 'session ended')
+  t.equal(ended.length, 3)
+  t.ok(ended.every((l) => l.reason === 'shutdown' && l.processes === 'killed'), 'each logged with reason shutdown, killed after SIGKILL')
+  t.ok(server.logs.some((l) => l.msg === 'reaper stopped'))
+})
+
+t.test('a second signal exits at once and still kills every agent group', async (t) => {
+  const box = sandbox(t)
+  const server = await startServer(t, box, { KILL_GRACE: '20s' })
+  const id = (await post(`${server.url}/api/session/start`)).json.session_id
+  void post(`${server.url}/api/ask?session_id=${id}`, { question: 'stuck [[fault:stall]] [[fault:ignore-sigterm]] [[fault:grandchild]]' }).catch(() => {})
+  await waitFor(() => box.pids().some((p) => p.role === 'grandchild'), 10_000, 'a stuck turn')
+  const signalledAt = Date.now()
+  server.proc.kill('SIGTERM')
+  await new Promise((resolve) => setTimeout(resolve, 300))
+  server.proc.kill('SIGINT')
+  const exit = await server.exited
+  t.ok(exit.at - signalledAt < 5000, `exited ${exit.at - signalledAt} ms after the first signal (grace is 20 s)`)
+  t.equal(exit.code, 1)
+  t.same(await waitForGone(box.pids().map((p) => p.pid), 1000), [], 'the forced exit left no agent behind')
+})
+
+t.test('an idle server exits promptly on SIGTERM and says so', async (t) => {
+  const box = sandbox(t)
+  const server = await startServer(t, box)
+  const start = await post(`${server.url}/api/session/start`)
+  t.equal(start.status, 200)
+  t.match(start.headers.get('x-request-id'), /^[0-9a-f-]{36}$/)
+  const traced = await fetch(`${server.url}/api/health`, { headers: { 'x-request-id': 'trace-42' } })
+  t.equal(traced.headers.get('x-request-id'), 'trace-42', 'a well-formed client request id is kept')
+  const hostile = await fetch(`${server.url}/api/health`, { headers: { 'x-request-id': 'x'.repeat(300) } })
+  t.not(hostile.headers.get('x-request-id'), 'x'.repeat(300), 'an oversized one is replaced')
+  const signalledAt = Date.now()
+  server.proc.kill('SIGTERM')
+  const exit = await server.exited
+  t.equal(exit.code, 0)
+  t.ok(exit.at - signalledAt < 3000, `exited ${exit.at - signalledAt} ms after SIGTERM`)
+  t.ok(server.logs.some((l) => l.msg === 'closing' && l.signal === 'SIGTERM'))
+})
+
+t.test('a bad setting stops start-up with a message naming the variable', async (t) => {
+  const cases: Array<{ env: Record<string, string>, message: RegExp }> = [
+    { env: { SESSION_TIMEOUT: 'soon' }, message: /SESSION_TIMEOUT .*duration/ },
+    { env: { MAX_SESSIONS: '0' }, message: /MAX_SESSIONS .*at least 1/ },
+    { env: { KILL_SIGNAL: 'SIGSTOP' }, message: /KILL_SIGNAL .*one of SIGTERM/ },
+    { env: { WORKSPACE_DIR: '/nonexistent/dir' }, message: /WORKSPACE_DIR .*existing directory/ }
+  ]
+  for (const c of cases) {
+    const proc = spawn(process.execPath, [SERVER], { cwd: ROOT, env: cleanEnv({ PORT: '0', ...c.env }), stdio: ['ignore', 'pipe', 'pipe'] })
+    let stderr = ''
+    proc.stderr.on('data', (chunk: Buffer) => { stderr += String(chunk) })
+    const code = await new Promise((resolve) => proc.once('exit', resolve))
+    t.equal(code, 1, `${JSON.stringify(c.env)} exits 1`)
+    t.match(stderr, c.message, stderr.trim())
+  }
+})
+
+t.test('the app leaves no timer behind: a process that closes it exits on its own', async (t) => {
+  const script = `
+    const { default: Fastify } = await import('fastify')
+    const { default: app } = await import(${JSON.stringify(join(ROOT, 'dist', 'app.js'))})
+    const f = Fastify()
+    await f.register(app, { cursorAgentBin: ${JSON.stringify(SIMULATOR)}, cleanupInterval: '50ms' })
+    await f.ready()
+    await new Promise((r) => setTimeout(r, 200))
+    await f.close()
+    console.log('closed')`
+  const proc = spawn(process.execPath, ['--input-type=module', '-e', script], { cwd: ROOT, env: cleanEnv({}), stdio: ['ignore', 'pipe', 'inherit'] })
+  let out = ''
+  proc.stdout.on('data', (chunk: Buffer) => { out += String(chunk) })
+  const started = Date.now()
+  const timer = setTimeout(() => proc.kill('SIGKILL'), 10_000)
+  const code = await new Promise((resolve) => proc.once('exit', resolve))
+  clearTimeout(timer)
+  t.equal(code, 0, 'exited by itself')
+  t.equal(out.trim(), 'closed')
+  t.ok(Date.now() - started < 10_000)
+})
