@@ -6,6 +6,9 @@ import configPlugin from './plugins/config.js'
 import sessionManagerPlugin, { type SessionManagerPluginOptions } from './plugins/session-manager.js'
 import reaperPlugin from './plugins/reaper.js'
 import httpPlugin from './plugins/http.js'
+import authPlugin from './plugins/auth.js'
+import rateLimit from '@fastify/rate-limit'
+import { AgentSessionError, formatDuration } from './lib/errors.js'
 import sessionRoutes from './routes/sessions.js'
 import askRoutes from './routes/ask.js'
 import healthRoutes from './routes/health.js'
@@ -19,6 +22,16 @@ const agentSessions: FastifyPluginAsync<AgentSessionsOptions> = async (fastify, 
   await fastify.register(sessionManagerPlugin, options)
   await fastify.register(reaperPlugin)
   await fastify.register(httpPlugin, { bodyLimit: fastify.agentSessionsConfig.bodyLimit })
+  // After the HTTP glue (401s carry X-Request-ID and the JSON error shape), before every route.
+  await fastify.register(authPlugin)
+  // Only routes that opt in through `config.rateLimit` are limited (session start: each one spawns an agent).
+  await fastify.register(rateLimit, {
+    global: false,
+    errorResponseBuilder: (_request, context) => new AgentSessionError('RATE_LIMITED',
+      `Too many session starts from this client: at most ${context.max} per ${formatDuration(fastify.agentSessionsConfig.startRateWindowMs)} ` +
+      `(START_RATE_LIMIT, START_RATE_WINDOW); retry in ${context.after}`,
+      { retryAfterSeconds: Math.max(1, Math.ceil(context.ttl / 1000)) })
+  })
   fastify.addSchema(ErrorReply)
   await fastify.register(sessionRoutes)
   await fastify.register(askRoutes)

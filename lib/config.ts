@@ -3,6 +3,7 @@
 // option mapping and the typed config object are all derived from this table.
 
 import { statSync } from 'node:fs'
+import { isIPv4, isIPv6 } from 'node:net'
 import { resolve } from 'node:path'
 
 type Kind = 'duration' | 'integer' | 'string' | 'boolean' | 'signal' | 'list'
@@ -36,6 +37,10 @@ export const SETTINGS = [
   { env: 'MAX_ANSWER_BYTES', option: 'maxAnswerBytes', kind: 'integer', default: '16777216', min: 1024 },
   { env: 'BODY_LIMIT', option: 'bodyLimit', kind: 'integer', default: '1048576', min: 1024 },
   { env: 'API_TOKEN', option: 'apiToken', kind: 'string' },
+  // One exact value, so that a `=true` or `=1` set in passing does not open the server.
+  { env: 'ALLOW_UNAUTHENTICATED_NON_LOOPBACK', option: 'allowUnauthenticatedNonLoopback', kind: 'string', enum: ['i-understand'], serverOnly: true },
+  { env: 'START_RATE_LIMIT', option: 'startRateLimit', kind: 'integer', default: '30', min: 1 },
+  { env: 'START_RATE_WINDOW', option: 'startRateWindow', kind: 'duration', default: '1m', min: 1 },
   { env: 'AGENT_MODEL', option: 'agentModel', kind: 'string' },
   { env: 'AGENT_FORCE', option: 'agentForce', kind: 'boolean', default: 'false' },
   { env: 'AGENT_TRUST', option: 'agentTrust', kind: 'boolean', default: 'true' }
@@ -58,6 +63,11 @@ export interface AgentSessionsConfig {
   maxAnswerBytes: number
   bodyLimit: number
   apiToken?: string
+  /** Server only: listen beyond loopback without API_TOKEN (ALLOW_UNAUTHENTICATED_NON_LOOPBACK=i-understand). */
+  allowUnauthenticatedNonLoopback: boolean
+  /** Session starts allowed per client (IP address) per startRateWindowMs. */
+  startRateLimit: number
+  startRateWindowMs: number
   agentModel?: string
   agentForce: boolean
   agentTrust: boolean
@@ -78,6 +88,8 @@ export interface AgentSessionsSettings {
   maxAnswerBytes?: number
   bodyLimit?: number
   apiToken?: string
+  startRateLimit?: number
+  startRateWindow?: string | number
   agentModel?: string
   agentForce?: boolean
   agentTrust?: boolean
@@ -207,6 +219,9 @@ export function resolveConfig (env: Record<string, unknown>): AgentSessionsConfi
     maxAnswerBytes: values.maxAnswerBytes as number,
     bodyLimit: values.bodyLimit as number,
     apiToken: values.apiToken as string | undefined,
+    allowUnauthenticatedNonLoopback: values.allowUnauthenticatedNonLoopback === 'i-understand',
+    startRateLimit: values.startRateLimit as number,
+    startRateWindowMs: values.startRateWindow as number,
     agentModel: values.agentModel as string | undefined,
     agentForce: values.agentForce as boolean,
     agentTrust: values.agentTrust as boolean
@@ -215,4 +230,30 @@ export function resolveConfig (env: Record<string, unknown>): AgentSessionsConfi
     throw new ConfigError('Invalid configuration: SESSION_TIMEOUT must not exceed MAX_SESSION_TIMEOUT')
   }
   return config
+}
+
+/** 127.0.0.0/8, ::1 (also as an IPv4-mapped address) and localhost: reachable from this machine only. */
+export function isLoopbackHost (host: string): boolean {
+  const h = host.trim().toLowerCase().replace(/^\[(.*)\]$/, '$1').replace(/\.$/, '')
+  if (h === 'localhost' || h.endsWith('.localhost')) return true
+  if (isIPv4(h)) return h.startsWith('127.')
+  if (isIPv6(h)) {
+    if (h === '::1' || h === '0:0:0:0:0:0:0:1') return true
+    const mapped = /^(?:0{0,4}:){0,5}:?ffff:(\d+\.\d+\.\d+\.\d+)$/.exec(h)
+    return mapped !== null && isIPv4(mapped[1]) && mapped[1].startsWith('127.')
+  }
+  return false
+}
+
+/**
+ * Why the standalone server must not listen as configured, or undefined. The
+ * agent edits files and runs commands: an API reachable from other machines
+ * without a token hands that to anyone on the network.
+ */
+export function exposureError (config: Pick<AgentSessionsConfig, 'host' | 'apiToken' | 'allowUnauthenticatedNonLoopback'>): ConfigError | undefined {
+  if (isLoopbackHost(config.host) || (config.apiToken ?? '') !== '' || config.allowUnauthenticatedNonLoopback) return undefined
+  return new ConfigError(`Refusing to listen on HOST=${config.host} without API_TOKEN: anyone who can reach this address ` +
+    'could make the agent read and edit the workspace and run commands. Set API_TOKEN (clients then send ' +
+    '"Authorization: Bearer <token>"), or listen on a loopback address (HOST=127.0.0.1), or, if another layer ' +
+    'authenticates every request, set ALLOW_UNAUTHENTICATED_NON_LOOPBACK=i-understand.')
 }

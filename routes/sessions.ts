@@ -27,6 +27,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   const manager = fastify.agentSessions
 
   fastify.post('/api/session/start', {
+    config: { rateLimit: { max: fastify.agentSessionsConfig.startRateLimit, timeWindow: fastify.agentSessionsConfig.startRateWindowMs } },
     schema: {
       summary: 'Start a session (runs cursor-agent create-chat)',
       tags: ['sessions'],
