@@ -37,9 +37,9 @@ export async function terminateProcessGroup (pgid: number, options: TerminateOpt
 
   if (!isGroupAlive(pgid)) return report('exited', null)
   if (!signalGroup(pgid, signal)) return report('exited', null)
-  if (await waitForGroupExit(pgid, options.graceMs)) return report('signalled', signal)
+  if (await waitForGroupExit(pgid, options.graceMs, false)) return report('signalled', signal)
   signalGroup(pgid, 'SIGKILL')
-  await waitForGroupExit(pgid, AFTER_KILL_WAIT_MS)
+  await waitForGroupExit(pgid, AFTER_KILL_WAIT_MS, false)
   return report('killed', 'SIGKILL')
 }
 
@@ -109,8 +109,8 @@ interface Waiter { pgid: number, deadline: number, resolve: (exited: boolean) =>
 const waiters = new Set<Waiter>()
 let pollTimer: NodeJS.Timeout | null = null
 
-export function waitForGroupExit (pgid: number, timeoutMs: number): Promise<boolean> {
-  if (!isGroupAlive(pgid)) return Promise.resolve(true)
+export function waitForGroupExit (pgid: number, timeoutMs: number, checkNow = true): Promise<boolean> {
+  if (checkNow && !isGroupAlive(pgid)) return Promise.resolve(true)
   return new Promise((resolve) => {
     waiters.add({ pgid, deadline: performance.now() + timeoutMs, resolve })
     pollTimer ??= setInterval(pollWaiters, POLL_MS)
@@ -167,9 +167,16 @@ function procAvailable (): boolean {
   return hasProc
 }
 
+// Tearing down many sessions at once checks many groups in the same instant:
+// one /proc scan serves them all instead of one scan per group.
+const SCAN_REUSE_MS = 10
+let lastScan: { at: number, groups: Set<number> } | null = null
+
 /** The pgids that have at least one non-zombie member, or null without /proc. */
 function liveGroupsFromProc (): Set<number> | null {
   if (!procAvailable()) return null
+  const now = performance.now()
+  if (lastScan !== null && now - lastScan.at < SCAN_REUSE_MS) return lastScan.groups
   const groups = new Set<number>()
   for (const name of readdirSync('/proc')) {
     const pid = Number(name)
@@ -177,5 +184,6 @@ function liveGroupsFromProc (): Set<number> | null {
     const stat = readProcStat(pid)
     if (stat != null && stat.state !== 'Z' && stat.state !== 'X') groups.add(stat.pgrp)
   }
+  lastScan = { at: performance.now(), groups }
   return groups
 }
