@@ -92,7 +92,8 @@ t.test('the opt-out takes one exact value; anything else is a configuration erro
 
 t.test('with API_TOKEN, or the opt-out, a non-loopback HOST passes the check', async (t) => {
   const box = sandbox(t)
-  for (const env of [{ API_TOKEN: 'a-long-random-token-0123456789' }, { ALLOW_UNAUTHENTICATED_NON_LOOPBACK: 'i-understand' }]) {
+  const envs: Array<Record<string, string>> = [{ API_TOKEN: 'a-long-random-token-0123456789' }, { ALLOW_UNAUTHENTICATED_NON_LOOPBACK: 'i-understand' }]
+  for (const env of envs) {
     const run = await runServer(box.stateDir, { HOST: UNROUTABLE, ...env })
     // It got as far as listening, which fails only because 192.0.2.1 is not ours.
     t.match(run.output, /could not listen/, `${Object.keys(env)[0]}: tried to listen`)
