@@ -43,7 +43,8 @@ export const SETTINGS = [
   { env: 'START_RATE_WINDOW', option: 'startRateWindow', kind: 'duration', default: '1m', min: 1 },
   { env: 'AGENT_MODEL', option: 'agentModel', kind: 'string' },
   { env: 'AGENT_FORCE', option: 'agentForce', kind: 'boolean', default: 'false' },
-  { env: 'AGENT_TRUST', option: 'agentTrust', kind: 'boolean', default: 'true' }
+  { env: 'AGENT_TRUST', option: 'agentTrust', kind: 'boolean', default: 'true' },
+  { env: 'CORS_ORIGINS', option: 'corsOrigins', kind: 'list' }
 ] as const satisfies readonly Setting[]
 
 export interface AgentSessionsConfig {
@@ -71,6 +72,8 @@ export interface AgentSessionsConfig {
   agentModel?: string
   agentForce: boolean
   agentTrust: boolean
+  /** Browser origins allowed by CORS; `['*']` allows any; undefined leaves CORS off. */
+  corsOrigins?: string[]
 }
 
 /** Settings as plugin options: durations as `'30s'` or milliseconds, the rest as their type. */
@@ -93,6 +96,8 @@ export interface AgentSessionsSettings {
   agentModel?: string
   agentForce?: boolean
   agentTrust?: boolean
+  /** `'*'`, or origins such as `https://app.example.com` (a comma-separated string or an array). */
+  corsOrigins?: string | readonly string[]
 }
 
 /**
@@ -169,6 +174,30 @@ export function describeEnvError (err: unknown, values: Record<string, unknown> 
   return new ConfigError(`Invalid configuration: ${setting.env} (option ${setting.option}) must be ${expected}, got ${JSON.stringify(values[setting.env])}`)
 }
 
+/**
+ * A comma-separated list. CORS_ORIGINS is the only one: `*`, or origins exactly
+ * as browsers send them (scheme://host[:port], no path), since @fastify/cors
+ * compares the Origin header as a string and a typo would silently deny.
+ */
+function checkList (setting: Setting, text: string): string[] | undefined {
+  const items = text.split(',').map((item) => item.trim()).filter((item) => item !== '')
+  if (items.length === 0) return undefined
+  if (items.includes('*')) {
+    if (items.length > 1) throw new ConfigError(`Invalid configuration: ${setting.env} (option ${setting.option}) must be * alone or a list of origins, got ${JSON.stringify(text)}`)
+    return items
+  }
+  for (const item of items) {
+    let origin: string | undefined
+    try {
+      origin = new URL(item).origin
+    } catch {}
+    if (origin !== item) {
+      throw new ConfigError(`Invalid configuration: ${setting.env} (option ${setting.option}) must be * or origins such as https://app.example.com (scheme, host and port, no path or trailing slash), got ${JSON.stringify(item)}`)
+    }
+  }
+  return items
+}
+
 /** Converts the validated string values into the typed config, checking ranges and cross-field rules. */
 export function resolveConfig (env: Record<string, unknown>): AgentSessionsConfig {
   const values: Record<string, unknown> = {}
@@ -189,6 +218,8 @@ export function resolveConfig (env: Record<string, unknown>): AgentSessionsConfi
       value = n
     } else if (setting.kind === 'boolean') {
       value = /^(true|1|yes)$/i.test(text)
+    } else if (setting.kind === 'list') {
+      value = checkList(setting, text)
     }
     values[setting.option] = value
   }
@@ -224,7 +255,8 @@ export function resolveConfig (env: Record<string, unknown>): AgentSessionsConfi
     startRateWindowMs: values.startRateWindow as number,
     agentModel: values.agentModel as string | undefined,
     agentForce: values.agentForce as boolean,
-    agentTrust: values.agentTrust as boolean
+    agentTrust: values.agentTrust as boolean,
+    corsOrigins: values.corsOrigins as string[] | undefined
   }
   if (config.sessionTimeoutMs > config.maxSessionTimeoutMs) {
     throw new ConfigError('Invalid configuration: SESSION_TIMEOUT must not exceed MAX_SESSION_TIMEOUT')
