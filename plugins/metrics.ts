@@ -1,0 +1,104 @@
+// Prometheus metrics for one app instance, driven by the SessionManager's
+// events. The registry belongs to this instance (not prom-client's global
+// one), so two apps in one process, or in one test file, never collide.
+
+import fp from 'fastify-plugin'
+import type { FastifyInstance } from 'fastify'
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client'
+import type { RunReport } from '../lib/cursor-agent.js'
+import type { SessionEndReason } from '../lib/errors.js'
+import type { EndReport, TurnOutcome } from '../lib/session-manager.js'
+import type { TeardownStage } from '../lib/terminate.js'
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** This app's Prometheus registry (what GET /metrics serves). */
+    agentSessionsMetrics: Registry
+  }
+}
+
+/** Label values of agent_teardowns_total: what ended an agent process group. */
+export type TeardownStageLabel = 'exited' | 'sigterm' | 'sigkill'
+
+// 'sigterm' stands for the polite KILL_SIGNAL, whichever signal that is.
+const STAGE_LABEL: Record<TeardownStage, TeardownStageLabel> = { exited: 'exited', signalled: 'sigterm', killed: 'sigkill' }
+const END_REASONS: readonly SessionEndReason[] = ['expired', 'ended', 'shutdown']
+const TURN_OUTCOMES: readonly TurnOutcome[] = ['answered', 'failed', 'timeout', 'cancelled']
+
+// Agent turns take from about a second to ASK_TIMEOUT (60 s by default, often raised).
+const TURN_BUCKETS = [0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600]
+
+async function metricsPlugin (fastify: FastifyInstance): Promise<void> {
+  const manager = fastify.agentSessions
+  const register = new Registry()
+  // Adds process_* and nodejs_* series. prom-client cannot undo this (its event
+  // loop and GC observers stay), which costs nothing beyond one per app instance.
+  collectDefaultMetrics({ register })
+
+  // Read from the manager at scrape time, so they are never stale.
+  new Gauge({
+    name: 'agent_sessions_active',
+    help: 'Sessions that exist now (idle or busy)',
+    registers: [register],
+    collect () { this.set(manager.counts().active) }
+  })
+  new Gauge({
+    name: 'agent_sessions_busy',
+    help: 'Sessions with a turn in flight now',
+    registers: [register],
+    collect () { this.set(manager.counts().busy) }
+  })
+  const started = new Counter({
+    name: 'agent_sessions_started_total',
+    help: 'Sessions started (create-chat succeeded)',
+    registers: [register]
+  })
+  const ended = new Counter({
+    name: 'agent_sessions_ended_total',
+    help: 'Sessions ended, by reason: ended (by the client), expired (reaped when idle), shutdown',
+    labelNames: ['reason'] as const,
+    registers: [register]
+  })
+  const turns = new Counter({
+    name: 'agent_turns_total',
+    help: 'Agent turns (questions) finished, by outcome: answered, failed, timeout, cancelled',
+    labelNames: ['outcome'] as const,
+    registers: [register]
+  })
+  const turnDuration = new Histogram({
+    name: 'agent_turn_duration_seconds',
+    help: 'Time from question to answer (or failure) of an agent turn',
+    buckets: TURN_BUCKETS,
+    registers: [register]
+  })
+  const teardowns = new Counter({
+    name: 'agent_teardowns_total',
+    help: 'Agent process groups torn down, by what ended them: exited (by themselves), sigterm (the polite KILL_SIGNAL), sigkill',
+    labelNames: ['stage'] as const,
+    registers: [register]
+  })
+
+  // Every label value from zero, so a dashboard's rate() has a series before the first event.
+  for (const reason of END_REASONS) ended.labels(reason).inc(0)
+  for (const outcome of TURN_OUTCOMES) turns.labels(outcome).inc(0)
+  for (const stage of Object.values(STAGE_LABEL)) teardowns.labels(stage).inc(0)
+
+  // No listener is removed on close: the manager and the registry belong to
+  // this instance and go together, and sessions ended by the shutdown drain
+  // (after our own onClose would run) still count.
+  manager.on('session-started', () => { started.inc() })
+  manager.on('session-ended', (report: EndReport) => { ended.labels(report.reason).inc() })
+  manager.on('turn-finished', ({ outcome, durationMs }) => {
+    turns.labels(outcome).inc()
+    turnDuration.observe(durationMs / 1000)
+  })
+  manager.on('process-finished', (report: RunReport) => { teardowns.labels(STAGE_LABEL[report.teardown.stage]).inc() })
+
+  fastify.decorate('agentSessionsMetrics', register)
+}
+
+export default fp(metricsPlugin, {
+  name: 'agent-sessions-metrics',
+  fastify: '5.x',
+  dependencies: ['agent-sessions-manager']
+})
