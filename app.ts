@@ -12,6 +12,10 @@ import { AgentSessionError, formatDuration } from './lib/errors.js'
 import sessionRoutes from './routes/sessions.js'
 import askRoutes from './routes/ask.js'
 import healthRoutes from './routes/health.js'
+import docsPlugin from './plugins/docs.js'
+import corsPlugin from './plugins/cors.js'
+import metricsPlugin from './plugins/metrics.js'
+import metricsRoutes from './routes/metrics.js'
 import { ErrorReply } from './routes/schemas.js'
 import type { AgentSessionsSettings } from './lib/config.js'
 
@@ -22,6 +26,8 @@ const agentSessions: FastifyPluginAsync<AgentSessionsOptions> = async (fastify, 
   await fastify.register(sessionManagerPlugin, options)
   await fastify.register(reaperPlugin)
   await fastify.register(httpPlugin, { bodyLimit: fastify.agentSessionsConfig.bodyLimit })
+  // Before auth: a browser can read a 401 only if it carries the CORS headers.
+  await fastify.register(corsPlugin)
   // After the HTTP glue (401s carry X-Request-ID and the JSON error shape), before every route.
   await fastify.register(authPlugin)
   // Only routes that opt in through `config.rateLimit` are limited (session start: each one spawns an agent).
@@ -33,9 +39,13 @@ const agentSessions: FastifyPluginAsync<AgentSessionsOptions> = async (fastify, 
       { retryAfterSeconds: Math.max(1, Math.ceil(context.ttl / 1000)) })
   })
   fastify.addSchema(ErrorReply)
+  // Before every route: @fastify/swagger collects routes as they are added.
+  await fastify.register(docsPlugin)
+  await fastify.register(metricsPlugin)
   await fastify.register(sessionRoutes)
   await fastify.register(askRoutes)
   await fastify.register(healthRoutes)
+  await fastify.register(metricsRoutes)
 }
 
 export default agentSessions

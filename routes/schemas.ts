@@ -2,6 +2,7 @@
 // also the serializers, and @fastify/swagger reads all of them for the docs.
 
 import { Type } from '@fastify/type-provider-typebox'
+import { ERROR_STATUS } from '../lib/errors.js'
 
 export const SessionQuery = Type.Object({
   session_id: Type.String({ minLength: 1, description: 'The id POST /api/session/start returned' })
@@ -17,8 +18,15 @@ export const ErrorReply = Type.Object({
 
 export const ErrorRef = Type.Unsafe<typeof ErrorReply>({ $ref: 'AgentSessionsError#' })
 
-export function errors (...codes: number[]): Record<number, typeof ErrorRef> {
-  return Object.fromEntries(codes.map((code) => [code, ErrorRef]))
+// NOT_FOUND is the router's answer for an unknown path, never a route's.
+const ROUTE_CODES = Object.entries(ERROR_STATUS).filter(([code]) => code !== 'NOT_FOUND')
+
+/** Error responses by HTTP status; each one's description (in the OpenAPI document) lists its `error` codes. */
+export function errors (...statuses: number[]): Record<number, typeof ErrorRef> {
+  return Object.fromEntries(statuses.map((status) => {
+    const codes = ROUTE_CODES.filter(([, s]) => s === status).map(([code]) => code)
+    return [status, Type.Unsafe<typeof ErrorReply>({ $ref: 'AgentSessionsError#', description: codes.length > 0 ? `error: ${codes.join(', ')}` : 'An error' })]
+  }))
 }
 
 export const Expiry = {
