@@ -1,7 +1,7 @@
 // The whole service as ONE encapsulated Fastify plugin. The standalone server
 // registers it; an embedding app does `host.register(agentSessions, { prefix, ...options })`.
 
-import type { FastifyPluginAsync } from 'fastify'
+import type { FastifyInstance, FastifyPluginAsync } from 'fastify'
 import configPlugin from './plugins/config.js'
 import sessionManagerPlugin, { type SessionManagerPluginOptions } from './plugins/session-manager.js'
 import reaperPlugin from './plugins/reaper.js'
@@ -18,8 +18,22 @@ import metricsPlugin from './plugins/metrics.js'
 import metricsRoutes from './routes/metrics.js'
 import { ErrorReply } from './routes/schemas.js'
 import type { AgentSessionsSettings } from './lib/config.js'
+// Side-effect imports survive into app.d.ts, so the plugins' `declare module
+// 'fastify'` blocks (the decorator types) reach an embedder's TypeScript.
+import './plugins/config.js'
+import './plugins/reaper.js'
+import './plugins/docs.js'
+import './plugins/metrics.js'
 
+/** Plugin options: every setting of the configuration table in camelCase (they win over the environment), plus agentEnv, runner and now. */
 export interface AgentSessionsOptions extends AgentSessionsSettings, SessionManagerPluginOptions {}
+
+/**
+ * What the app decorates its own (encapsulated) instance with. A host sees
+ * them only where it registers the app without encapsulation (see the README).
+ */
+export type AgentSessionsDecorators = Pick<FastifyInstance,
+  'agentSessions' | 'agentSessionsConfig' | 'agentSessionsEnv' | 'agentSessionsReaper' | 'agentSessionsMetrics' | 'agentSessionsOpenapi'>
 
 const agentSessions: FastifyPluginAsync<AgentSessionsOptions> = async (fastify, options) => {
   await fastify.register(configPlugin, options)
@@ -51,6 +65,8 @@ const agentSessions: FastifyPluginAsync<AgentSessionsOptions> = async (fastify, 
 export default agentSessions
 export { agentSessions }
 export type { AgentSessionsConfig, AgentSessionsSettings } from './lib/config.js'
+export type { SessionManagerPluginOptions } from './plugins/session-manager.js'
+export type { TeardownStageLabel } from './plugins/metrics.js'
 export type { AgentRunner, AgentRun, TurnAnswer, TurnOptions, RunReport } from './lib/cursor-agent.js'
 export type { SessionManager, SessionInfo, EndReport, SweepReport, SessionState } from './lib/session-manager.js'
 export type { Sweeper, SweeperStats } from './lib/sweeper.js'

@@ -4,6 +4,8 @@
 
 import fp from 'fastify-plugin'
 import fastifySwagger from '@fastify/swagger'
+// Kept in docs.d.ts (a side-effect import survives there): FastifyInstance['swagger'] below needs its types.
+import '@fastify/swagger'
 import type { FastifyInstance, FastifySchema } from 'fastify'
 import { packageInfo } from '../lib/package-info.js'
 import { errors } from '../routes/schemas.js'
