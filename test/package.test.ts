@@ -1,0 +1,150 @@
+// What we publish (and what the Docker image runs) needs no devDependency and
+// no file we forgot to ship: pack the package, install the tarball with
+// production dependencies only into an empty folder, and run it from there.
+// The one test that reaches the npm registry (for the dependencies).
+
+import t from 'tap'
+import { execFile, spawn } from 'node:child_process'
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { promisify } from 'node:util'
+import { ROOT, SIMULATOR, sandbox, waitForGone } from './helpers/index.js'
+import { SERVICE_ENV_NAMES } from '../lib/config.js'
+
+const run = promisify(execFile)
+// npm install from the registry can take a while on a cold cache.
+t.setTimeout(600_000)
+
+/** The environment of a fresh shell: no npm_* from `npm test`, no tap loader, none of the service's settings. */
+function cleanEnv (extra: Record<string, string> = {}): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = {}
+  for (const [key, value] of Object.entries(process.env)) {
+    if (/^npm_/i.test(key) || key === 'NODE_OPTIONS' || key.startsWith('TAP') || key.startsWith('_TAPJS')) continue
+    if (SERVICE_ENV_NAMES.includes(key)) continue
+    env[key] = value
+  }
+  return { ...env, ...extra }
+}
+
+interface PackedFile { path: string }
+
+t.test('the packed tarball installs with production dependencies only and serves the API', async (t) => {
+  const box = sandbox(t)
+  const work = mkdtempSync(join(tmpdir(), 'agent-sessions-package-'))
+  t.after(() => rmSync(work, { recursive: true, force: true }))
+  const started = Date.now()
+
+  // Build only when dist/ is older than the sources (npm test has just built it;
+  // rebuilding under other test files that run dist/server.js would race them).
+  await run(process.execPath, [join(ROOT, 'scripts', 'ensure-built.mjs')], { cwd: ROOT, env: cleanEnv() })
+  // --ignore-scripts: prepack would rebuild dist/ unconditionally, for the same reason.
+  const packed = await run('npm', ['pack', '--json', '--ignore-scripts', '--pack-destination', work], { cwd: ROOT, env: cleanEnv(), maxBuffer: 16 * 1024 * 1024 })
+  const [info] = JSON.parse(packed.stdout) as Array<{ filename: string, files: PackedFile[] }>
+  const files = info.files.map((f) => f.path)
+  for (const needed of ['package.json', 'README.md', 'dist/app.js', 'dist/app.d.ts', 'dist/server.js', 'dist/plugins/metrics.js', 'dist/plugins/docs.js', 'dist/routes/metrics.js', 'dist/lib/session-manager.js']) {
+    t.ok(files.includes(needed), `the tarball has ${needed}`)
+  }
+  t.same(files.filter((f) => f.endsWith('.ts') && !f.endsWith('.d.ts')), [], 'no TypeScript sources')
+  t.same(files.filter((f) => f.endsWith('.map') || f.startsWith('test/') && !f.startsWith('test/fixtures/') || f.startsWith('bench/') || f.startsWith('node_modules/')), [],
+    'no source maps, tests, benchmarks or node_modules')
+
+  const consumer = join(work, 'consumer')
+  rmSync(consumer, { recursive: true, force: true })
+  await run('mkdir', ['-p', consumer])
+  writeFileSync(join(consumer, 'package.json'), JSON.stringify({ name: 'consumer', version: '1.0.0', private: true, type: 'module' }, null, 2))
+  const install = await run('npm', ['install', '--omit=dev', '--no-audit', '--no-fund', '--no-package-lock', join(work, info.filename)],
+    { cwd: consumer, env: cleanEnv(), maxBuffer: 16 * 1024 * 1024, timeout: 300_000 })
+  t.comment(`npm pack + install took ${Math.round((Date.now() - started) / 1000)} s: ${install.stdout.trim().split('\n').pop() ?? ''}`)
+
+  // The plugin by its package name, through package.json "exports".
+  writeFileSync(join(consumer, 'host.mjs'), `
+import Fastify from 'fastify'
+import agentSessions from 'fastify-agent-sessions'
+const host = Fastify()
+await host.register(agentSessions, { prefix: '/agent', cursorAgentBin: process.argv[2], workspaceDir: process.cwd() })
+const res = await host.inject({ method: 'GET', url: '/agent/api/health' })
+const docs = await host.inject({ method: 'GET', url: '/agent/documentation/json' })
+console.log(JSON.stringify({ status: res.statusCode, body: res.json(), paths: Object.keys(docs.json().paths) }))
+await host.close()
+`)
+  const embedded = await run(process.execPath, ['host.mjs', SIMULATOR], { cwd: consumer, env: cleanEnv({ FAKE_AGENT_STATE_DIR: box.stateDir }), timeout: 60_000 })
+  const hosted = JSON.parse(embedded.stdout.trim().split('\n').pop()!)
+  t.equal(hosted.status, 200, 'a host app imports and registers the installed package')
+  t.equal(hosted.body.agent.available, true)
+  t.ok(hosted.paths.includes('/agent/api/ask'))
+
+  // Its types, by package name, as a strict TypeScript host sees them (the
+  // repo's compiler and @types/node: the consumer installed no dev tools).
+  writeFileSync(join(consumer, 'host.ts'), `
+import Fastify from 'fastify'
+import fp from 'fastify-plugin'
+import agentSessions, { type AgentSessionsOptions, type AgentSessionsDecorators, type SessionInfo } from 'fastify-agent-sessions'
+const options: AgentSessionsOptions = { sessionTimeout: '10m', maxSessions: 5, corsOrigins: ['http://localhost:5173'], agentEnv: { CURSOR_API_KEY: 'k' } }
+const host = Fastify()
+await host.register(agentSessions, { prefix: '/agent', ...options })
+await host.register(async (scope) => {
+  await scope.register(fp<AgentSessionsOptions>(async (instance, opts) => { await agentSessions(instance, opts) }), options)
+  const sessions: SessionInfo[] = scope.agentSessions.list()
+  const timeout: number = scope.agentSessionsConfig.sessionTimeoutMs
+  const metrics: Promise<string> = scope.agentSessionsMetrics.metrics()
+  const running: boolean = scope.agentSessionsReaper.stats().running
+  const decorators: AgentSessionsDecorators = scope
+  void [sessions, timeout, metrics, running, decorators, scope.agentSessionsOpenapi()]
+}, { prefix: '/scoped' })
+// @ts-expect-error options are checked: a duration is a string or milliseconds
+await host.register(agentSessions, { sessionTimeout: true })
+`)
+  const typeRoots = join(ROOT, 'node_modules', '@types')
+  const tsc = await run(process.execPath, [join(ROOT, 'node_modules', 'typescript', 'bin', 'tsc'), '--noEmit', '--strict', '--skipLibCheck', 'false',
+    '--module', 'nodenext', '--moduleResolution', 'nodenext', '--target', 'es2022', '--lib', 'es2023', '--types', 'node', '--typeRoots', typeRoots, 'host.ts'],
+  { cwd: consumer, env: cleanEnv(), timeout: 120_000 }).catch((err: { stdout?: string, message: string }) => ({ stdout: err.stdout ?? err.message, failed: true }))
+  t.notOk('failed' in tsc, `the package's types check in a strict host:\n${tsc.stdout}`)
+
+  // The standalone server, as the Docker image runs it.
+  const server = spawn(process.execPath, [join('node_modules', 'fastify-agent-sessions', 'dist', 'server.js')], {
+    cwd: consumer,
+    env: cleanEnv({ PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'info', CURSOR_AGENT_BIN: SIMULATOR, WORKSPACE_DIR: consumer, KILL_GRACE: '1s', FAKE_AGENT_STATE_DIR: box.stateDir }),
+    stdio: ['ignore', 'pipe', 'pipe']
+  })
+  t.after(() => { if (server.exitCode === null && server.signalCode === null) server.kill('SIGKILL') })
+  const exited = new Promise<{ code: number | null, signal: NodeJS.Signals | null }>((resolve) => {
+    server.once('exit', (code, signal) => resolve({ code, signal }))
+  })
+  let output = ''
+  server.stderr.on('data', (chunk: Buffer) => { output += String(chunk) })
+  const url = await new Promise<string>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`the installed server did not listen within 30 s:\n${output}`)), 30_000)
+    server.stdout.on('data', (chunk: Buffer) => {
+      output += String(chunk)
+      const found = /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(output)
+      if (found !== null) {
+        clearTimeout(timer)
+        resolve(found[1])
+      }
+    })
+    void exited.then(({ code }) => reject(new Error(`the installed server exited with ${code}:\n${output}`)))
+  })
+
+  const health = await fetch(`${url}/api/health`)
+  t.equal(health.status, 200)
+  const body = await health.json() as { status: string, version: string, agent: { available: boolean } }
+  t.equal(body.status, 'ok')
+  t.equal(body.agent.available, true, 'the simulator answered --version')
+  const start = await fetch(`${url}/api/session/start`, { method: 'POST', headers: { 'content-type': 'application/json' } })
+  t.equal(start.status, 200, 'a session starts (execa and the runner are shipped)')
+  const { session_id: id } = await start.json() as { session_id: string }
+  const answer = await fetch(`${url}/api/ask?session_id=${id}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ question: 'packed?' }) })
+  t.equal(answer.status, 200)
+  t.equal((await answer.json() as { answer: string }).answer, 'Answer 1: you asked "packed?"')
+  t.equal((await fetch(`${url}/metrics`)).status, 200, 'prom-client is shipped')
+  t.equal((await fetch(`${url}/documentation/json`)).status, 200, '@fastify/swagger is shipped')
+
+  // SIGTERM with a session still open: a graceful close, exit 0.
+  server.kill('SIGTERM')
+  const result = await Promise.race([exited, new Promise<null>((resolve) => setTimeout(() => resolve(null), 30_000).unref())])
+  t.same(result, { code: 0, signal: null }, `exit 0 on SIGTERM:\n${result === null ? output : ''}`)
+  t.match(output, /"msg":"closed"/)
+  t.same(await waitForGone(box.pids().map((p) => p.pid), 5000), [], 'no agent process left')
+  t.comment(`packaging test took ${Math.round((Date.now() - started) / 1000)} s`)
+})
