@@ -4,8 +4,8 @@
 // The one test that reaches the npm registry (for the dependencies).
 
 import t from 'tap'
-import { execFile, spawn } from 'node:child_process'
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { execFile, spawn, type ChildProcess } from 'node:child_process'
+import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
@@ -28,6 +28,42 @@ function cleanEnv (extra: Record<string, string> = {}): NodeJS.ProcessEnv {
 }
 
 interface PackedFile { path: string }
+
+interface Started {
+  server: ChildProcess
+  url: string
+  exited: Promise<{ code: number | null, signal: NodeJS.Signals | null }>
+  output: () => string
+}
+
+/** Starts a built server (PORT=0) and resolves with its URL once it listens; SIGKILLed after the test if still running. */
+async function startServer (t: { after: (fn: () => void) => void }, cwd: string, argv: string[], env: Record<string, string>): Promise<Started> {
+  const server = spawn(argv[0] === 'node' ? process.execPath : argv[0], argv.slice(1), {
+    cwd,
+    env: cleanEnv({ PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'info', CURSOR_AGENT_BIN: SIMULATOR, KILL_GRACE: '1s', ...env }),
+    stdio: ['ignore', 'pipe', 'pipe']
+  })
+  t.after(() => { if (server.exitCode === null && server.signalCode === null) server.kill('SIGKILL') })
+  const exited = new Promise<{ code: number | null, signal: NodeJS.Signals | null }>((resolve) => {
+    server.once('exit', (code, signal) => resolve({ code, signal }))
+  })
+  let output = ''
+  server.stderr!.on('data', (chunk: Buffer) => { output += String(chunk) })
+  const url = await new Promise<string>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`the server did not listen within 30 s:\n${output}`)), 30_000)
+    server.stdout!.on('data', (chunk: Buffer) => {
+      output += String(chunk)
+      const found = /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(output)
+      if (found !== null) {
+        clearTimeout(timer)
+        resolve(found[1])
+      }
+    })
+    void exited.then(({ code }) => reject(new Error(`the server exited with ${code}:\n${output}`)))
+  })
+  return { server, url, exited, output: () => output }
+}
+
 
 t.test('the packed tarball installs with production dependencies only and serves the API', async (t) => {
   const box = sandbox(t)
@@ -101,30 +137,9 @@ await host.register(agentSessions, { sessionTimeout: true })
   { cwd: consumer, env: cleanEnv(), timeout: 120_000 }).catch((err: { stdout?: string, message: string }) => ({ stdout: err.stdout ?? err.message, failed: true }))
   t.notOk('failed' in tsc, `the package's types check in a strict host:\n${tsc.stdout}`)
 
-  // The standalone server, as the Docker image runs it.
-  const server = spawn(process.execPath, [join('node_modules', 'fastify-agent-sessions', 'dist', 'server.js')], {
-    cwd: consumer,
-    env: cleanEnv({ PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'info', CURSOR_AGENT_BIN: SIMULATOR, WORKSPACE_DIR: consumer, KILL_GRACE: '1s', FAKE_AGENT_STATE_DIR: box.stateDir }),
-    stdio: ['ignore', 'pipe', 'pipe']
-  })
-  t.after(() => { if (server.exitCode === null && server.signalCode === null) server.kill('SIGKILL') })
-  const exited = new Promise<{ code: number | null, signal: NodeJS.Signals | null }>((resolve) => {
-    server.once('exit', (code, signal) => resolve({ code, signal }))
-  })
-  let output = ''
-  server.stderr.on('data', (chunk: Buffer) => { output += String(chunk) })
-  const url = await new Promise<string>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`the installed server did not listen within 30 s:\n${output}`)), 30_000)
-    server.stdout.on('data', (chunk: Buffer) => {
-      output += String(chunk)
-      const found = /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(output)
-      if (found !== null) {
-        clearTimeout(timer)
-        resolve(found[1])
-      }
-    })
-    void exited.then(({ code }) => reject(new Error(`the installed server exited with ${code}:\n${output}`)))
-  })
+  // The standalone server, from the installed package.
+  const { server, url, exited, output } = await startServer(t, consumer, [process.execPath, join('node_modules', 'fastify-agent-sessions', 'dist', 'server.js')],
+    { WORKSPACE_DIR: consumer, FAKE_AGENT_STATE_DIR: box.stateDir })
 
   const health = await fetch(`${url}/api/health`)
   t.equal(health.status, 200)
@@ -143,8 +158,48 @@ await host.register(agentSessions, { sessionTimeout: true })
   // SIGTERM with a session still open: a graceful close, exit 0.
   server.kill('SIGTERM')
   const result = await Promise.race([exited, new Promise<null>((resolve) => setTimeout(() => resolve(null), 30_000).unref())])
-  t.same(result, { code: 0, signal: null }, `exit 0 on SIGTERM:\n${result === null ? output : ''}`)
-  t.match(output, /"msg":"closed"/)
+  t.same(result, { code: 0, signal: null }, `exit 0 on SIGTERM:\n${result === null ? output() : ''}`)
+  t.match(output(), /"msg":"closed"/)
   t.same(await waitForGone(box.pids().map((p) => p.pid), 5000), [], 'no agent process left')
   t.comment(`packaging test took ${Math.round((Date.now() - started) / 1000)} s`)
+})
+
+t.test("the Dockerfile's runtime steps: npm ci --omit=dev from the lockfile, dist/, its CMD, and its HEALTHCHECK", async (t) => {
+  // No Docker engine here: run the image's own commands, taken from the Dockerfile.
+  const dockerfile = readFileSync(join(ROOT, 'Dockerfile'), 'utf8')
+  const depsStep = 'npm ci --omit=dev --ignore-scripts --no-audit --no-fund'
+  t.match(dockerfile, `RUN ${depsStep}`, 'the deps stage installs production dependencies from the lockfile')
+  const cmd = JSON.parse(/^CMD (\[.*\])$/m.exec(dockerfile)?.[1] ?? 'null') as string[] | null
+  t.same(cmd, ['node', 'dist/server.js'])
+  const healthcheck = JSON.parse(/^HEALTHCHECK [^\n]*\\\n\s*CMD (\[.*\])$/m.exec(dockerfile)?.[1] ?? 'null') as string[] | null
+  t.equal(healthcheck?.[0], 'node', 'the health check needs nothing but node')
+  t.match(dockerfile, /^USER node$/m)
+  t.match(dockerfile, /^ENTRYPOINT \["\/usr\/bin\/tini", "--"\]$/m)
+  t.match(dockerfile, /curl https:\/\/cursor\.com\/install -fsS \| bash/)
+  if (cmd === null || healthcheck === null) return
+
+  const box = sandbox(t)
+  const app = mkdtempSync(join(tmpdir(), 'agent-sessions-image-'))
+  t.after(() => rmSync(app, { recursive: true, force: true }))
+  await run(process.execPath, [join(ROOT, 'scripts', 'ensure-built.mjs')], { cwd: ROOT, env: cleanEnv() })
+  for (const file of ['package.json', 'package-lock.json']) cpSync(join(ROOT, file), join(app, file))
+  const [npm, ...npmArgs] = depsStep.split(' ')
+  await run(npm, npmArgs, { cwd: app, env: cleanEnv(), maxBuffer: 16 * 1024 * 1024, timeout: 300_000 })
+  cpSync(join(ROOT, 'dist'), join(app, 'dist'), { recursive: true })
+
+  // As in the image, but on loopback (a test listens nowhere else), with a token as the README's docker run sets one.
+  const { server, url, exited } = await startServer(t, app, cmd, { API_TOKEN: 'image-token', WORKSPACE_DIR: app, FAKE_AGENT_STATE_DIR: box.stateDir })
+  const port = new URL(url).port
+  const check = async (): Promise<number> => {
+    const [bin, ...args] = healthcheck
+    return await run(bin === 'node' ? process.execPath : bin, args, { env: cleanEnv({ PORT: port }), timeout: 30_000 })
+      .then(() => 0, (err: { code?: number }) => err.code ?? -1)
+  }
+  t.equal(await check(), 0, 'HEALTHCHECK passes against the running server (health needs no token)')
+  t.equal((await fetch(`${url}/metrics`)).status, 401, 'the rest needs the token')
+  t.equal((await fetch(`${url}/metrics`, { headers: { authorization: 'Bearer image-token' } })).status, 200)
+
+  server.kill('SIGTERM')
+  t.same(await exited, { code: 0, signal: null }, 'exit 0 on SIGTERM (what docker stop sends through tini)')
+  t.equal(await check(), 1, 'HEALTHCHECK fails once the server is gone')
 })
