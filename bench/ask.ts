@@ -1,0 +1,221 @@
+// 2. Ask overhead: turns through POST /api/ask (real socket, keep-alive) with
+// the simulator, against spawning the simulator directly with the same
+// arguments, environment, cwd and stdin, in its own process group, and reading
+// its stream-json output up to the `result` line (when the service answers).
+// Turns alternate service / direct (order swapped every other turn), and each
+// waits until the previous turn's processes are gone, so neither side pays for
+// the other's teardown.
+
+import { spawn } from 'node:child_process'
+import { Agent, request } from 'node:http'
+import Fastify from 'fastify'
+import fp from 'fastify-plugin'
+import agentSessions from '../app.js'
+import { SERVICE_ENV_NAMES } from '../lib/config.js'
+import { agentEnvironment, CursorAgentRunner } from '../lib/cursor-agent.js'
+import { silentLogger } from '../lib/logger.js'
+import type { RunReport } from '../lib/cursor-agent.js'
+import { fmt, killLeftovers, QUICK, removeDir, round, ROOT, sandbox, SIMULATOR, stillRunning, summarize, type BenchResult } from './lib.js'
+
+const TARGET_P50_ADDED_MS = 3
+
+export async function run (): Promise<BenchResult> {
+  const turns = QUICK ? 5 : 50
+  const warmup = QUICK ? 1 : 5
+  const box = sandbox('ask')
+  const agentEnv = { FAKE_AGENT_STATE_DIR: box.dir }
+
+  const app = Fastify({ logger: false })
+  await app.register(fp(agentSessions), {
+    cursorAgentBin: SIMULATOR,
+    workspaceDir: ROOT,
+    killGrace: '2s',
+    askTimeout: '30s',
+    agentEnv
+  })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const address = app.server.address()
+  const port = typeof address === 'object' && address !== null ? address.port : 0
+  const agent = new Agent({ keepAlive: true, maxSockets: 1 })
+
+  const post = (path: string, body?: object): Promise<{ status: number, json: any }> => new Promise((resolve, reject) => {
+    const payload = body === undefined ? '' : JSON.stringify(body)
+    const req = request({
+      host: '127.0.0.1',
+      port,
+      path,
+      method: 'POST',
+      agent,
+      headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) }
+    }, (res) => {
+      let text = ''
+      res.setEncoding('utf8')
+      res.on('data', (chunk: string) => { text += chunk })
+      res.on('end', () => {
+        try {
+          resolve({ status: res.statusCode ?? 0, json: JSON.parse(text) })
+        } catch (err) {
+          reject(err)
+        }
+      })
+    })
+    req.on('error', reject)
+    req.end(payload)
+  })
+
+  // The same argv and environment the service builds for a turn.
+  const config = app.agentSessionsConfig
+  const env = agentEnvironment(process.env, SERVICE_ENV_NAMES, agentEnv)
+  const argvOf = (chatId: string): string[] => new CursorAgentRunner({
+    bin: config.cursorAgentBin,
+    workspaceDir: config.workspaceDir,
+    env,
+    killSignal: config.killSignal,
+    killGraceMs: config.killGraceMs,
+    model: config.agentModel,
+    force: config.agentForce,
+    trust: config.agentTrust,
+    maxOutputBytes: config.maxAnswerBytes,
+    log: silentLogger
+  }).turnArgs(chatId)
+
+  /** Spawns the simulator; resolves the time to its result line, and when it has exited. */
+  const direct = (args: string[], input: string): Promise<{ ms: number, exited: Promise<void>, result: string }> => new Promise((resolve, reject) => {
+    const started = performance.now()
+    const child = spawn(config.cursorAgentBin, args, { cwd: config.workspaceDir, env, detached: true, stdio: ['pipe', 'pipe', 'pipe'] })
+    const exited = new Promise<void>((resolve) => child.once('close', () => resolve()))
+    let pending = ''
+    let done = false
+    child.on('error', reject)
+    child.stderr.resume()
+    child.stdout.setEncoding('utf8')
+    child.stdout.on('data', (chunk: string) => {
+      if (done) return
+      pending += chunk
+      let newline: number
+      while ((newline = pending.indexOf('\n')) !== -1) {
+        const line = pending.slice(0, newline)
+        pending = pending.slice(newline + 1)
+        if (line.includes('"type":"result"')) {
+          done = true
+          resolve({ ms: performance.now() - started, exited, result: line })
+          return
+        }
+      }
+    })
+    void exited.then(() => { if (!done) reject(new Error('the simulator exited without a result')) })
+    child.stdin.end(input)
+  })
+
+  // The service's turn is over for our purpose once its processes are torn down.
+  let lastTurnGone: Promise<RunReport> = Promise.resolve({ pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } })
+  const nextProcessFinished = (): Promise<RunReport> => new Promise((resolve) => app.agentSessions.once('process-finished', resolve))
+
+  try {
+    const start = await post('/api/session/start')
+    if (start.status !== 200) throw new Error(`session start failed: ${start.status} ${JSON.stringify(start.json)}`)
+    const sessionId: string = start.json.session_id
+    // The baseline resumes a chat of its own, created the same way, so both chats grow alike.
+    const chatId = await createChatDirect(config.cursorAgentBin, config.workspaceDir, env)
+    const args = argvOf(chatId)
+
+    const serviceMs: number[] = []
+    const directMs: number[] = []
+    const serviceTurn = async (question: string): Promise<number> => {
+      const gone = nextProcessFinished()
+      const started = performance.now()
+      const res = await post(`/api/ask?session_id=${encodeURIComponent(sessionId)}`, { question })
+      const ms = performance.now() - started
+      if (res.status !== 200) throw new Error(`ask failed: ${res.status} ${JSON.stringify(res.json)}`)
+      lastTurnGone = gone
+      await lastTurnGone
+      return ms
+    }
+    const directTurn = async (question: string): Promise<number> => {
+      const r = await direct(args, question)
+      await r.exited
+      if (!r.result.includes('"subtype":"success"')) throw new Error(`direct turn failed: ${r.result}`)
+      return r.ms
+    }
+
+    for (let i = 0; i < warmup + turns; i++) {
+      const question = `What does app.ts do? (turn ${i})`
+      let s: number
+      let d: number
+      if (i % 2 === 0) {
+        s = await serviceTurn(question)
+        d = await directTurn(question)
+      } else {
+        d = await directTurn(question)
+        s = await serviceTurn(question)
+      }
+      if (i >= warmup) {
+        serviceMs.push(s)
+        directMs.push(d)
+      }
+    }
+
+    const service = summarize(serviceMs)
+    const baseline = summarize(directMs)
+    const addedP50 = service.p50 - baseline.p50
+    const addedP99 = service.p99 - baseline.p99
+    const met = addedP50 <= TARGET_P50_ADDED_MS
+    return {
+      name: 'ask',
+      title: 'Ask overhead',
+      baseline: 'the simulator spawned directly (same argv, env, cwd, stdin; own process group) up to its result line',
+      met,
+      rows: [{
+        benchmark: `Ask overhead p50 (${turns} turns)`,
+        measured: `${fmt(service.p50)} ms`,
+        baseline: `direct spawn ${fmt(baseline.p50)} ms`,
+        figure: `+${fmt(addedP50)} ms`,
+        target: `<= ${TARGET_P50_ADDED_MS} ms`,
+        met
+      }, {
+        benchmark: `Ask overhead p99 (${turns} turns)`,
+        measured: `${fmt(service.p99)} ms`,
+        baseline: `direct spawn ${fmt(baseline.p99)} ms`,
+        figure: `${addedP99 >= 0 ? '+' : ''}${fmt(addedP99)} ms`,
+        target: '(reported)',
+        met: null
+      }],
+      figures: {
+        turns,
+        serviceP50Ms: round(service.p50, 3),
+        serviceP99Ms: round(service.p99, 3),
+        directP50Ms: round(baseline.p50, 3),
+        directP99Ms: round(baseline.p99, 3),
+        addedP50Ms: round(addedP50, 3),
+        addedP99Ms: round(addedP99, 3),
+        // The same figure from the turn pairs (each service turn against the direct turn next to it).
+        pairedMedianAddedMs: round(summarize(serviceMs.map((v, i) => v - directMs[i])).p50, 3)
+      },
+      details: { serviceMs: serviceMs.map((v) => round(v, 3)), directMs: directMs.map((v) => round(v, 3)) }
+    }
+  } finally {
+    await lastTurnGone
+    await app.close()
+    agent.destroy()
+    const pids = box.pids().map((p) => p.pid)
+    await waitGone(pids)
+    killLeftovers(pids)
+    removeDir(box.dir)
+  }
+}
+
+async function createChatDirect (bin: string, cwd: string, env: Record<string, string | undefined>): Promise<string> {
+  return await new Promise((resolve, reject) => {
+    const child = spawn(bin, ['create-chat'], { cwd, env, detached: true, stdio: ['ignore', 'pipe', 'inherit'] })
+    let out = ''
+    child.stdout.setEncoding('utf8')
+    child.stdout.on('data', (chunk: string) => { out += chunk })
+    child.on('error', reject)
+    child.once('close', (code) => code === 0 ? resolve(out.trim()) : reject(new Error(`create-chat exited with ${String(code)}`)))
+  })
+}
+
+async function waitGone (pids: number[]): Promise<void> {
+  const deadline = Date.now() + 5000
+  while (stillRunning(pids).length > 0 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 25))
+}

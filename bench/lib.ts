@@ -1,0 +1,295 @@
+// Shared pieces of the benchmarks: settings for full and quick mode, statistics,
+// an agent runner that spawns nothing, simulator sandboxes whose pids are checked
+// afterwards, the load-target server child and an autocannon wrapper.
+//
+// Every benchmark reports its figures against a baseline measured in the same
+// run, never an absolute time on its own: the machines are shared and noisy.
+
+import { fork, type ChildProcess } from 'node:child_process'
+import { randomUUID } from 'node:crypto'
+import { mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import autocannon from 'autocannon'
+import type { AgentRunner, RunReport } from '../lib/cursor-agent.js'
+import { isProcessAlive, signalGroup } from '../lib/terminate.js'
+
+export const ROOT = fileURLToPath(new URL('..', import.meta.url))
+export const BENCH_DIR = fileURLToPath(new URL('.', import.meta.url))
+export const SIMULATOR = join(ROOT, 'test', 'fixtures', 'fake-cursor-agent.mjs')
+
+export const QUICK = process.argv.includes('--quick') || process.env.BENCH_QUICK === '1'
+
+/** What one benchmark hands back to bench/run.ts: its table rows and its raw figures. */
+export interface BenchResult {
+  name: string
+  title: string
+  baseline: string
+  /** Whether every target of this benchmark was met (reported, never asserted). */
+  met: boolean
+  rows: TableRow[]
+  /** Every figure, numeric, for results.json. */
+  figures: Record<string, number>
+  /** Anything else worth keeping (per-round figures, distributions, validity checks). */
+  details?: Record<string, unknown>
+}
+
+export interface TableRow {
+  benchmark: string
+  measured: string
+  baseline: string
+  figure: string
+  target: string
+  met: boolean | null
+}
+
+// ---------------------------------------------------------------------------
+// Statistics
+
+export interface Summary { n: number, min: number, p50: number, p90: number, p99: number, max: number, mean: number }
+
+/** Nearest-rank percentile of an ascending array. */
+export function percentile (sorted: readonly number[], p: number): number {
+  if (sorted.length === 0) return NaN
+  const rank = Math.ceil((p / 100) * sorted.length)
+  return sorted[Math.min(sorted.length - 1, Math.max(0, rank - 1))]
+}
+
+export function summarize (values: readonly number[]): Summary {
+  const sorted = [...values].sort((a, b) => a - b)
+  const mean = sorted.reduce((sum, v) => sum + v, 0) / Math.max(1, sorted.length)
+  return {
+    n: sorted.length,
+    min: sorted[0] ?? NaN,
+    p50: percentile(sorted, 50),
+    p90: percentile(sorted, 90),
+    p99: percentile(sorted, 99),
+    max: sorted[sorted.length - 1] ?? NaN,
+    mean
+  }
+}
+
+export function median (values: readonly number[]): number {
+  return percentile([...values].sort((a, b) => a - b), 50)
+}
+
+export function round (value: number, digits = 2): number {
+  const f = 10 ** digits
+  return Math.round(value * f) / f
+}
+
+export function fmt (value: number, digits = 2): string {
+  return round(value, digits).toLocaleString('en-US', { maximumFractionDigits: digits })
+}
+
+export function sleep (ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms))
+}
+
+// ---------------------------------------------------------------------------
+// An agent runner that spawns nothing: sessions cost only what the service keeps.
+
+const NOTHING_RAN: Promise<RunReport> = Promise.resolve({ pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } })
+
+/**
+ * A random UUID as a flat string. randomUUID() returns a rope of concatenated
+ * pieces, ~8x larger in the heap; the real runner's chat ids are parsed out of
+ * create-chat's output (flat), and the baselines' ids must cost what the
+ * service's cost, or the memory figures would compare ropes with strings.
+ */
+export function flatUUID (): string {
+  return Buffer.from(randomUUID(), 'latin1').toString('latin1')
+}
+
+export function idleRunner (): AgentRunner {
+  return {
+    createChat: () => ({ result: Promise.resolve(flatUUID()), finished: NOTHING_RAN }),
+    startTurn: () => ({ result: Promise.resolve({ answer: 'ok', durationMs: 0 }), finished: NOTHING_RAN }),
+    version: async () => 'bench-idle-runner'
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Simulator sandboxes: a state dir (chats, pids.log) under the run's temp root,
+// so bench/run.ts can check every pid any benchmark started once all are done.
+
+export function tempRoot (): string {
+  const root = process.env.BENCH_TMP_ROOT
+  if (root !== undefined && root !== '') {
+    mkdirSync(root, { recursive: true })
+    return root
+  }
+  return tmpdir()
+}
+
+export interface Sandbox {
+  dir: string
+  pids: () => Array<{ pid: number, role: string }>
+}
+
+export function sandbox (name: string): Sandbox {
+  const dir = mkdtempSync(join(tempRoot(), `${name}-`))
+  return { dir, pids: () => readPidLog(join(dir, 'pids.log')) }
+}
+
+export function readPidLog (file: string): Array<{ pid: number, role: string }> {
+  let text = ''
+  try {
+    text = readFileSync(file, 'utf8')
+  } catch {}
+  return text.split('\n').filter(Boolean).map((line) => {
+    const [pid, role] = line.split(' ')
+    return { pid: Number(pid), role }
+  })
+}
+
+/** Every pids.log below a directory. */
+export function pidLogsUnder (dir: string): string[] {
+  const found: string[] = []
+  let names: string[]
+  try {
+    names = readdirSync(dir)
+  } catch {
+    return found
+  }
+  for (const name of names) {
+    const path = join(dir, name)
+    if (name === 'pids.log') found.push(path)
+    else if (statSync(path, { throwIfNoEntry: false })?.isDirectory() === true) found.push(...pidLogsUnder(path))
+  }
+  return found
+}
+
+/**
+ * The pids that still run a simulator. Zombies count as gone; a pid that now
+ * belongs to another program (pids are reused) is not ours.
+ */
+export function stillRunning (pids: readonly number[]): number[] {
+  return pids.filter((pid) => {
+    if (!isProcessAlive(pid)) return false
+    try {
+      return readFileSync(`/proc/${pid}/cmdline`, 'latin1').includes('fake-cursor-agent')
+    } catch {
+      return true
+    }
+  })
+}
+
+/** Safety net: SIGKILL whatever of these pids (and their groups) still runs a simulator. */
+export function killLeftovers (pids: readonly number[]): number[] {
+  const left = stillRunning(pids)
+  for (const pid of left) {
+    signalGroup(pid, 'SIGKILL')
+    try { process.kill(pid, 'SIGKILL') } catch {}
+  }
+  return left
+}
+
+export function removeDir (dir: string): void {
+  rmSync(dir, { recursive: true, force: true })
+}
+
+// ---------------------------------------------------------------------------
+// Load-target server in a child process (bench/server.ts), so that autocannon
+// and the server under test do not share one event loop.
+
+export interface ServerConfig {
+  mode: 'service' | 'bare'
+  /** Idle sessions created before listening. */
+  sessions: number
+  /** Reaper interval (service mode) in ms. */
+  cleanupIntervalMs: number
+  /** Whether the reaper's sweeps run from the start. */
+  sweeps: boolean
+}
+
+export interface ServerHandle {
+  port: number
+  sessionId: string
+  url: string
+  request: <T = unknown>(command: string, args?: Record<string, unknown>) => Promise<T>
+  stop: () => Promise<void>
+}
+
+export async function startServer (config: ServerConfig): Promise<ServerHandle> {
+  // BENCH_SERVER_FLAGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the server under load.
+  const extra = (process.env.BENCH_SERVER_FLAGS ?? '').split(' ').filter((f) => f !== '')
+  const child: ChildProcess = fork(join(BENCH_DIR, 'server.ts'), [JSON.stringify(config)], {
+    cwd: ROOT,
+    execArgv: ['--import', 'tsx', '--expose-gc', ...extra],
+    stdio: ['ignore', 'inherit', 'inherit', 'ipc']
+  })
+  let next = 0
+  const pending = new Map<number, { resolve: (v: unknown) => void, reject: (e: Error) => void }>()
+  let ready!: (v: { port: number, sessionId: string }) => void
+  let failed!: (e: Error) => void
+  const started = new Promise<{ port: number, sessionId: string }>((resolve, reject) => { ready = resolve; failed = reject })
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()))
+  child.on('message', (raw) => {
+    const msg = raw as { type: string, id?: number, result?: unknown, error?: string, port?: number, sessionId?: string }
+    if (msg.type === 'ready') ready({ port: msg.port as number, sessionId: msg.sessionId as string })
+    if (msg.type === 'reply' && msg.id !== undefined) {
+      const p = pending.get(msg.id)
+      pending.delete(msg.id)
+      if (msg.error !== undefined) p?.reject(new Error(msg.error))
+      else p?.resolve(msg.result)
+    }
+  })
+  child.once('exit', (code) => {
+    const err = new Error(`bench server (${config.mode}) exited with code ${String(code)}`)
+    failed(err)
+    for (const p of pending.values()) p.reject(err)
+    pending.clear()
+  })
+  const { port, sessionId } = await started
+  return {
+    port,
+    sessionId,
+    url: `http://127.0.0.1:${port}`,
+    request: async <T>(command: string, args: Record<string, unknown> = {}) => {
+      const id = next++
+      const reply = new Promise<unknown>((resolve, reject) => pending.set(id, { resolve, reject }))
+      child.send({ type: 'command', id, command, args })
+      return await reply as T
+    },
+    stop: async () => {
+      if (child.exitCode === null && child.signalCode === null) {
+        child.disconnect()
+        const timer = setTimeout(() => child.kill('SIGKILL'), 5000)
+        await exited
+        clearTimeout(timer)
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// HTTP load
+
+export interface LoadResult {
+  rps: number
+  total: number
+  errors: number
+  non2xx: number
+  latencyP50Ms: number
+  latencyP99Ms: number
+}
+
+export async function loadHeartbeat (server: ServerHandle, options: { connections: number, seconds: number }): Promise<LoadResult> {
+  const result = await autocannon({
+    url: `${server.url}/api/heartbeat?session_id=${encodeURIComponent(server.sessionId)}`,
+    method: 'POST',
+    connections: options.connections,
+    duration: options.seconds,
+    pipelining: 1
+  })
+  return {
+    rps: result.requests.total / (result.duration > 0 ? result.duration : options.seconds),
+    total: result.requests.total,
+    errors: result.errors + result.timeouts,
+    non2xx: result.non2xx,
+    latencyP50Ms: result.latency.p50,
+    latencyP99Ms: result.latency.p99
+  }
+}

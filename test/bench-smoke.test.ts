@@ -1,0 +1,60 @@
+// The benchmarks in quick mode, end to end, so they cannot rot: every benchmark
+// runs and reports numeric figures, and no agent process is left behind. Quick
+// mode's timings mean nothing on a shared CI machine: none is asserted.
+
+import t from 'tap'
+import { spawn } from 'node:child_process'
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { ROOT } from './helpers/index.js'
+
+const BENCHMARKS = ['heartbeat', 'ask', 'teardown', 'reaper', 'memory', 'precision']
+
+// The benchmark processes must not inherit tap's loader hooks.
+function cleanEnv (extra: Record<string, string>): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = {}
+  for (const [key, value] of Object.entries(process.env)) {
+    if (key !== 'NODE_OPTIONS' && !key.startsWith('TAP') && !key.startsWith('_TAPJS')) env[key] = value
+  }
+  return { ...env, ...extra }
+}
+
+t.test('npm run bench -- --quick runs every benchmark and writes its figures', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'bench-smoke-'))
+  t.after(() => rmSync(dir, { recursive: true, force: true }))
+  const resultsFile = join(dir, 'results.json')
+
+  const proc = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'bench', 'run.ts'), '--quick'], {
+    cwd: ROOT,
+    env: cleanEnv({ BENCH_QUICK: '1', BENCH_RESULTS_FILE: resultsFile }),
+    stdio: ['ignore', 'pipe', 'pipe']
+  })
+  let output = ''
+  proc.stdout.setEncoding('utf8').on('data', (chunk: string) => { output += chunk })
+  proc.stderr.setEncoding('utf8').on('data', (chunk: string) => { output += chunk })
+  // A generous limit: quick mode takes ~25 s alone, more on a busy machine.
+  const killer = setTimeout(() => proc.kill('SIGTERM'), 100_000)
+  const code = await new Promise<number | null>((resolve) => proc.once('close', (c) => resolve(c)))
+  clearTimeout(killer)
+  t.equal(code, 0, 'bench exits 0 (no benchmark failed, no process left)', { output })
+
+  const results = JSON.parse(readFileSync(resultsFile, 'utf8'))
+  t.equal(results.quick, true)
+  t.same(results.failures, [])
+  t.equal(results.leftoverProcesses, 0, 'no agent process left behind')
+  t.type(results.machine.nproc, 'number')
+  t.type(results.machine.node, 'string')
+  for (const name of BENCHMARKS) {
+    const bench = results.benchmarks[name]
+    t.ok(bench, `${name} is in results.json`)
+    if (bench === undefined) continue
+    t.type(bench.met, 'boolean', `${name}: met is reported`)
+    t.ok(bench.rows.length > 0, `${name}: has table rows`)
+    const figures = Object.entries(bench.figures as Record<string, unknown>)
+    t.ok(figures.length > 0, `${name}: has figures`)
+    const notNumbers = figures.filter(([, v]) => typeof v !== 'number' || !Number.isFinite(v)).map(([k]) => k)
+    t.same(notNumbers, [], `${name}: every figure is a finite number`)
+  }
+  t.match(output, /\| Benchmark\s+\|/, 'prints the table')
+})
