@@ -11,6 +11,7 @@ const askRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
 
   fastify.post('/api/ask', {
     schema: {
+      operationId: 'ask',
       summary: 'Ask the session\'s agent a question about the workspace',
       tags: ['sessions'],
       querystring: SessionQuery,
@@ -18,7 +19,7 @@ const askRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
         question: Type.String({ minLength: 1, description: `The question; at most MAX_QUESTION_BYTES (${maxQuestionBytes}) bytes of UTF-8` })
       }),
       response: {
-        200: Type.Object({ answer: Type.String(), session_id: Type.String() }),
+        200: Type.Object({ answer: Type.String(), session_id: Type.String() }, { description: 'The agent\'s answer' }),
         ...errors(400, 401, 404, 409, 413, 429, 502, 503, 504)
       }
     }

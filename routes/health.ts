@@ -30,6 +30,7 @@ const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
 
   fastify.get('/api/health', {
     schema: {
+      operationId: 'health',
       summary: 'Service health',
       tags: ['health'],
       response: {
@@ -53,7 +54,7 @@ const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
             sweeps: Type.Integer(),
             sessions_reaped: Type.Integer()
           })
-        })
+        }, { description: 'Status of the service, its sessions, the agent binary and the reaper' })
       }
     }
   }, async () => {

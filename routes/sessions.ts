@@ -29,11 +29,12 @@ const sessionRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   fastify.post('/api/session/start', {
     config: { rateLimit: { max: fastify.agentSessionsConfig.startRateLimit, timeWindow: fastify.agentSessionsConfig.startRateWindowMs } },
     schema: {
+      operationId: 'startSession',
       summary: 'Start a session (runs cursor-agent create-chat)',
       tags: ['sessions'],
       body: Type.Optional(StartBody),
       response: {
-        200: Type.Object({ session_id: Type.String(), message: Type.String(), ...Expiry }),
+        200: Type.Object({ session_id: Type.String(), message: Type.String(), ...Expiry }, { description: 'The new session' }),
         ...errors(400, 401, 429, 502, 503, 504)
       }
     }
@@ -52,6 +53,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
 
   fastify.post('/api/heartbeat', {
     schema: {
+      operationId: 'heartbeat',
       summary: 'Keep a session alive',
       tags: ['sessions'],
       querystring: SessionQuery,
@@ -61,7 +63,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
           session_id: Type.String(),
           last_activity: Type.String({ format: 'date-time' }),
           ...Expiry
-        }),
+        }, { description: 'The idle clock started again' }),
         ...errors(400, 401, 404)
       }
     }
@@ -77,11 +79,12 @@ const sessionRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
 
   fastify.post('/api/session/end', {
     schema: {
+      operationId: 'endSession',
       summary: 'End a session and tear down its agent processes',
       tags: ['sessions'],
       querystring: SessionQuery,
       response: {
-        200: Type.Object({ message: Type.String(), session_id: Type.String() }),
+        200: Type.Object({ message: Type.String(), session_id: Type.String() }, { description: 'The session is gone; its processes are being torn down' }),
         ...errors(400, 401, 404)
       }
     }

@@ -3,10 +3,8 @@
 
 import t from 'tap'
 import Fastify from 'fastify'
-import fp from 'fastify-plugin'
-import agentSessions from '../app.js'
 import { parseDuration } from '../lib/config.js'
-import { SIMULATOR } from './helpers/index.js'
+import { liftDecorators, SIMULATOR } from './helpers/index.js'
 
 t.test('durations', async (t) => {
   t.equal(parseDuration('500ms'), 500)
@@ -24,7 +22,7 @@ t.test('durations', async (t) => {
 
 async function configOf (options: Record<string, unknown>): Promise<Record<string, unknown>> {
   const app = Fastify()
-  await app.register(fp(agentSessions), { cursorAgentBin: SIMULATOR, ...options })
+  await app.register(liftDecorators, { cursorAgentBin: SIMULATOR, ...options })
   await app.ready()
   const config = { ...app.agentSessionsConfig }
   await app.close()

@@ -10,6 +10,14 @@ import Fastify, { type FastifyInstance, type LightMyRequestResponse } from 'fast
 import agentSessions, { type AgentSessionsOptions } from '../../app.js'
 import { isProcessAlive, signalGroup } from '../../lib/terminate.js'
 
+// fastify-plugin marks the function it wraps, so wrapping `agentSessions` itself
+// would strip the encapsulation (and the prefix) from every later use in the
+// process: wrap a fresh function instead. Lifting the decorators to the test
+// instance lets tests reach the manager and the reaper.
+export const liftDecorators = fp(async (instance: FastifyInstance, options: AgentSessionsOptions) => {
+  await agentSessions(instance, options)
+})
+
 export const SIMULATOR = fileURLToPath(new URL('../fixtures/fake-cursor-agent.mjs', import.meta.url))
 export const ROOT = fileURLToPath(new URL('../..', import.meta.url))
 
@@ -55,8 +63,7 @@ export interface BuildOptions extends AgentSessionsOptions {
 export async function build (t: TapLike, box: Sandbox, options: BuildOptions = {}): Promise<FastifyInstance> {
   const { logger = false, ...pluginOptions } = options
   const app = Fastify({ logger: logger as boolean, return503OnClosing: false })
-  // fastify-plugin lifts the app's decorators to the test instance, so tests can reach the manager.
-  await app.register(fp(agentSessions), {
+  await app.register(liftDecorators, {
     cursorAgentBin: SIMULATOR,
     workspaceDir: ROOT,
     killGrace: '1s',
