@@ -9,6 +9,7 @@ const metricsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
 
   fastify.get('/metrics', {
     schema: {
+      operationId: 'metrics',
       summary: 'Prometheus metrics (text exposition format)',
       description: 'agent_sessions_active, agent_sessions_busy, agent_sessions_started_total, agent_sessions_ended_total{reason}, ' +
         'agent_turns_total{outcome}, agent_turn_duration_seconds, agent_teardowns_total{stage}, and the process_* / nodejs_* defaults',
