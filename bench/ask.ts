@@ -15,7 +15,7 @@ import { SERVICE_ENV_NAMES } from '../lib/config.js'
 import { agentEnvironment, CursorAgentRunner } from '../lib/cursor-agent.js'
 import { silentLogger } from '../lib/logger.js'
 import type { RunReport } from '../lib/cursor-agent.js'
-import { fmt, killLeftovers, QUICK, removeDir, round, ROOT, sandbox, SIMULATOR, stillRunning, summarize, type BenchResult } from './lib.js'
+import { fmt, killLeftovers, signed, QUICK, removeDir, round, ROOT, sandbox, SIMULATOR, stillRunning, summarize, type BenchResult } from './lib.js'
 
 const TARGET_P50_ADDED_MS = 3
 
@@ -169,14 +169,14 @@ export async function run (): Promise<BenchResult> {
         benchmark: `Ask overhead p50 (${turns} turns)`,
         measured: `${fmt(service.p50)} ms`,
         baseline: `direct spawn ${fmt(baseline.p50)} ms`,
-        figure: `+${fmt(addedP50)} ms`,
+        figure: `${signed(addedP50)} ms`,
         target: `<= ${TARGET_P50_ADDED_MS} ms`,
         met
       }, {
         benchmark: `Ask overhead p99 (${turns} turns)`,
         measured: `${fmt(service.p99)} ms`,
         baseline: `direct spawn ${fmt(baseline.p99)} ms`,
-        figure: `${addedP99 >= 0 ? '+' : ''}${fmt(addedP99)} ms`,
+        figure: `${signed(addedP99)} ms`,
         target: '(reported)',
         met: null
       }],

@@ -83,6 +83,11 @@ export function fmt (value: number, digits = 2): string {
   return round(value, digits).toLocaleString('en-US', { maximumFractionDigits: digits })
 }
 
+/** A delta with its sign: +1.2, -0.4. */
+export function signed (value: number, digits = 2): string {
+  return `${value >= 0 ? '+' : '-'}${fmt(Math.abs(value), digits)}`
+}
+
 export function sleep (ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms))
 }

@@ -9,7 +9,7 @@
 // The 100 ms interval (600x the default) makes sweeps frequent enough to show in
 // a p99 at all; with the default 1 min they would be invisible.
 
-import { fmt, loadHeartbeat, median, QUICK, round, startServer, summarize, type BenchResult, type LoadResult } from './lib.js'
+import { fmt, signed, loadHeartbeat, median, QUICK, round, startServer, summarize, type BenchResult, type LoadResult } from './lib.js'
 
 const TARGET_SWEEP_MS = 5
 const TARGET_DELAY_P99_MS = 20
@@ -75,7 +75,7 @@ export async function run (): Promise<BenchResult> {
         benchmark: `Reaper: loop delay p99 under heartbeat load, sweeps every ${SWEEP_INTERVAL_MS} ms`,
         measured: `${fmt(on.p99Ms, 2)} ms (${sweepsUnderLoad} sweeps)`,
         baseline: `no sweeps ${fmt(off.p99Ms, 2)} ms`,
-        figure: `${addedP99 >= 0 ? '+' : ''}${fmt(addedP99, 2)} ms`,
+        figure: `${signed(addedP99)} ms`,
         target: `< ${TARGET_DELAY_P99_MS} ms`,
         met: delayMet
       }],
