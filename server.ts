@@ -8,6 +8,7 @@ import Fastify from 'fastify'
 import closeWithGrace from 'close-with-grace'
 import envSchema from 'env-schema'
 import agentSessions from './app.js'
+import { sendError, toAgentSessionError } from './plugins/http.js'
 import { killTrackedGroupsNow } from './lib/terminate.js'
 import { ConfigError, describeEnvError, envJsonSchema, exposureError, resolveConfig, type AgentSessionsConfig } from './lib/config.js'
 
@@ -45,7 +46,13 @@ const fastify = Fastify({
     return typeof given === 'string' && REQUEST_ID.test(given) ? given : randomUUID()
   },
   // The app answers requests that arrive while closing itself, with its JSON error shape.
-  return503OnClosing: false
+  return503OnClosing: false,
+  // Errors the router raises before any plugin runs (a malformed URL such as
+  // `/%`) get the API's JSON error shape too.
+  frameworkErrors: (error, request, reply) => {
+    void reply.header('X-Request-ID', request.id)
+    sendError(request, reply, toAgentSessionError(error))
+  }
 })
 
 await fastify.register(agentSessions)

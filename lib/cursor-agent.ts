@@ -388,7 +388,8 @@ export function classifyAgentFailure (stderr: string, exitCode: number | null, s
 function lastLines (text: string): string {
   const lines = text.split('\n').map((l) => l.trim()).filter((l) => l !== '')
   const message = lines.slice(-3).join(' ')
-  return message.length > 500 ? message.slice(0, 500) + '…' : message
+  // The error is at the end: keep the end when noise came before it.
+  return message.length > 500 ? '…' + message.slice(-500) : message
 }
 
 function spawnError (bin: string, code: string | undefined): AgentSessionError {

@@ -5,7 +5,7 @@
 // never revive it or start a process in it.
 
 import { randomUUID } from 'node:crypto'
-import { EventEmitter } from 'node:events'
+import { EventEmitter, setMaxListeners } from 'node:events'
 import type { AgentRun, AgentRunner, RunReport } from './cursor-agent.js'
 import { AgentSessionError, formatDuration, sessionNotFound, shuttingDown, type SessionEndReason } from './errors.js'
 import { silentLogger, type Logger } from './logger.js'
@@ -103,6 +103,8 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
 
   constructor (options: SessionManagerOptions) {
     super()
+    // Every start and turn in flight listens on the shutdown signal.
+    setMaxListeners(0, this.#shutdown.signal)
     this.#runner = options.runner
     this.#now = options.now ?? Date.now
     this.#log = options.log ?? silentLogger

@@ -125,6 +125,13 @@ t.test('an idle server exits promptly on SIGTERM and says so', async (t) => {
   t.equal(traced.headers.get('x-request-id'), 'trace-42', 'a well-formed client request id is kept')
   const hostile = await fetch(`${server.url}/api/health`, { headers: { 'x-request-id': 'x'.repeat(300) } })
   t.not(hostile.headers.get('x-request-id'), 'x'.repeat(300), 'an oversized one is replaced')
+  for (const path of ['/%', '/api/ask%ZZ']) {
+    const bad = await fetch(`${server.url}${path}`, { method: 'POST' })
+    t.equal(bad.status, 400, `${path} is a bad request`)
+    const body = await bad.json() as Record<string, unknown>
+    t.equal(body.error, 'INVALID_REQUEST', `${path} gets the API's error shape, not the router's`)
+    t.equal(body.request_id, bad.headers.get('x-request-id'))
+  }
   const signalledAt = Date.now()
   server.proc.kill('SIGTERM')
   const exit = await server.exited
