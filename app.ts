@@ -7,8 +7,7 @@ import sessionManagerPlugin, { type SessionManagerPluginOptions } from './plugin
 import reaperPlugin from './plugins/reaper.js'
 import httpPlugin from './plugins/http.js'
 import authPlugin from './plugins/auth.js'
-import rateLimit from '@fastify/rate-limit'
-import { AgentSessionError, formatDuration } from './lib/errors.js'
+import rateLimitPlugin from './plugins/rate-limit.js'
 import sessionRoutes from './routes/sessions.js'
 import askRoutes from './routes/ask.js'
 import healthRoutes from './routes/health.js'
@@ -44,14 +43,7 @@ const agentSessions: FastifyPluginAsync<AgentSessionsOptions> = async (fastify, 
   await fastify.register(corsPlugin)
   // After the HTTP glue (401s carry X-Request-ID and the JSON error shape), before every route.
   await fastify.register(authPlugin)
-  // Only routes that opt in through `config.rateLimit` are limited (session start: each one spawns an agent).
-  await fastify.register(rateLimit, {
-    global: false,
-    errorResponseBuilder: (_request, context) => new AgentSessionError('RATE_LIMITED',
-      `Too many session starts from this client: at most ${context.max} per ${formatDuration(fastify.agentSessionsConfig.startRateWindowMs)} ` +
-      `(START_RATE_LIMIT, START_RATE_WINDOW); retry in ${context.after}`,
-      { retryAfterSeconds: Math.max(1, Math.ceil(context.ttl / 1000)) })
-  })
+  await fastify.register(rateLimitPlugin)
   fastify.addSchema(ErrorReply)
   // Before every route: @fastify/swagger collects routes as they are added.
   await fastify.register(docsPlugin)

@@ -1,0 +1,25 @@
+// Per-client limit on session starts: each start spawns an agent process, so
+// a client must not be able to start them without bound. Only routes that opt
+// in through `config.rateLimit` are limited.
+
+import fp from 'fastify-plugin'
+import rateLimit from '@fastify/rate-limit'
+import type { FastifyInstance } from 'fastify'
+import { AgentSessionError, formatDuration } from '../lib/errors.js'
+
+async function rateLimitPlugin (fastify: FastifyInstance): Promise<void> {
+  const config = fastify.agentSessionsConfig
+  await fastify.register(rateLimit, {
+    global: false,
+    errorResponseBuilder: (_request, context) => new AgentSessionError('RATE_LIMITED',
+      `Too many session starts from this client: at most ${context.max} per ${formatDuration(config.startRateWindowMs)} ` +
+      `(START_RATE_LIMIT, START_RATE_WINDOW); retry in ${context.after}`,
+      { retryAfterSeconds: Math.max(1, Math.ceil(context.ttl / 1000)) })
+  })
+}
+
+export default fp(rateLimitPlugin, {
+  name: 'agent-sessions-rate-limit',
+  fastify: '5.x',
+  dependencies: ['agent-sessions-config']
+})
