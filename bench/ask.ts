@@ -80,7 +80,8 @@ export async function run (): Promise<BenchResult> {
   }).turnArgs(chatId)
 
   /** Spawns the simulator; resolves the time to its result line, and when it has exited. */
-  const direct = (args: string[], input: string): Promise<{ ms: number, exited: Promise<void>, result: string }> => new Promise((resolve, reject) => {
+  const direct = (args: string[], input: string): Promise<{ ms: number, cpuUs: number, exited: Promise<void>, result: string }> => new Promise((resolve, reject) => {
+    const cpu = process.cpuUsage()
     const started = performance.now()
     const child = spawn(config.cursorAgentBin, args, { cwd: config.workspaceDir, env, detached: true, stdio: ['pipe', 'pipe', 'pipe'] })
     const exited = new Promise<void>((resolve) => child.once('close', () => resolve()))
@@ -98,7 +99,8 @@ export async function run (): Promise<BenchResult> {
         pending = pending.slice(newline + 1)
         if (line.includes('"type":"result"')) {
           done = true
-          resolve({ ms: performance.now() - started, exited, result: line })
+          const ms = performance.now() - started
+          resolve({ ms, cpuUs: cpuSince(cpu), exited, result: line })
           return
         }
       }
@@ -121,27 +123,31 @@ export async function run (): Promise<BenchResult> {
 
     const serviceMs: number[] = []
     const directMs: number[] = []
-    const serviceTurn = async (question: string): Promise<number> => {
+    const serviceCpuUs: number[] = []
+    const directCpuUs: number[] = []
+    const serviceTurn = async (question: string): Promise<Turn> => {
       const gone = nextProcessFinished()
+      const cpu = process.cpuUsage()
       const started = performance.now()
       const res = await post(`/api/ask?session_id=${encodeURIComponent(sessionId)}`, { question })
       const ms = performance.now() - started
+      const cpuUs = cpuSince(cpu)
       if (res.status !== 200) throw new Error(`ask failed: ${res.status} ${JSON.stringify(res.json)}`)
       lastTurnGone = gone
       await lastTurnGone
-      return ms
+      return { ms, cpuUs }
     }
-    const directTurn = async (question: string): Promise<number> => {
+    const directTurn = async (question: string): Promise<Turn> => {
       const r = await direct(args, question)
       await r.exited
       if (!r.result.includes('"subtype":"success"')) throw new Error(`direct turn failed: ${r.result}`)
-      return r.ms
+      return r
     }
 
     for (let i = 0; i < warmup + turns; i++) {
       const question = `What does app.ts do? (turn ${i})`
-      let s: number
-      let d: number
+      let s: Turn
+      let d: Turn
       if (i % 2 === 0) {
         s = await serviceTurn(question)
         d = await directTurn(question)
@@ -150,8 +156,10 @@ export async function run (): Promise<BenchResult> {
         s = await serviceTurn(question)
       }
       if (i >= warmup) {
-        serviceMs.push(s)
-        directMs.push(d)
+        serviceMs.push(s.ms)
+        directMs.push(d.ms)
+        serviceCpuUs.push(s.cpuUs)
+        directCpuUs.push(d.cpuUs)
       }
     }
 
@@ -160,6 +168,10 @@ export async function run (): Promise<BenchResult> {
     const addedP50 = service.p50 - baseline.p50
     const addedP99 = service.p99 - baseline.p99
     const met = addedP50 <= TARGET_P50_ADDED_MS
+    // CPU time of this process (client, server and spawn for the service; spawn for the
+    // baseline) per turn: what the service adds on the event loop, far less noisy than latency.
+    const serviceCpu = summarize(serviceCpuUs)
+    const directCpu = summarize(directCpuUs)
     return {
       name: 'ask',
       title: 'Ask overhead',
@@ -179,6 +191,13 @@ export async function run (): Promise<BenchResult> {
         figure: `${signed(addedP99)} ms`,
         target: '(reported)',
         met: null
+      }, {
+        benchmark: 'Ask: CPU time on the event loop per turn (p50)',
+        measured: `${fmt(serviceCpu.p50 / 1000)} ms (HTTP client + server + spawn)`,
+        baseline: `direct spawn ${fmt(directCpu.p50 / 1000)} ms`,
+        figure: `${signed((serviceCpu.p50 - directCpu.p50) / 1000)} ms`,
+        target: '(reported)',
+        met: null
       }],
       figures: {
         turns,
@@ -189,7 +208,10 @@ export async function run (): Promise<BenchResult> {
         addedP50Ms: round(addedP50, 3),
         addedP99Ms: round(addedP99, 3),
         // The same figure from the turn pairs (each service turn against the direct turn next to it).
-        pairedMedianAddedMs: round(summarize(serviceMs.map((v, i) => v - directMs[i])).p50, 3)
+        pairedMedianAddedMs: round(summarize(serviceMs.map((v, i) => v - directMs[i])).p50, 3),
+        serviceCpuP50Ms: round(serviceCpu.p50 / 1000, 3),
+        directCpuP50Ms: round(directCpu.p50 / 1000, 3),
+        addedCpuP50Ms: round((serviceCpu.p50 - directCpu.p50) / 1000, 3)
       },
       details: { serviceMs: serviceMs.map((v) => round(v, 3)), directMs: directMs.map((v) => round(v, 3)) }
     }
@@ -202,6 +224,13 @@ export async function run (): Promise<BenchResult> {
     killLeftovers(pids)
     removeDir(box.dir)
   }
+}
+
+interface Turn { ms: number, cpuUs: number }
+
+function cpuSince (start: NodeJS.CpuUsage): number {
+  const used = process.cpuUsage(start)
+  return used.user + used.system
 }
 
 async function createChatDirect (bin: string, cwd: string, env: Record<string, string | undefined>): Promise<string> {
