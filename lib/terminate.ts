@@ -105,30 +105,39 @@ export function killTrackedGroupsNow (): number {
 // One shared poller for every group being waited on: tearing down 200 sessions
 // at once costs one /proc scan per tick, not 200.
 
-interface Waiter { pgid: number, deadline: number, resolve: (exited: boolean) => void }
+interface Waiter { pgid: number, timer: NodeJS.Timeout, resolve: (exited: boolean) => void }
 const waiters = new Set<Waiter>()
 let pollTimer: NodeJS.Timeout | null = null
 
 export function waitForGroupExit (pgid: number, timeoutMs: number, checkNow = true): Promise<boolean> {
   if (checkNow && !isGroupAlive(pgid)) return Promise.resolve(true)
   return new Promise((resolve) => {
-    waiters.add({ pgid, deadline: performance.now() + timeoutMs, resolve })
+    // Each wait has its own deadline timer: the SIGKILL that follows a grace
+    // period must not wait for the next poll tick.
+    const waiter: Waiter = {
+      pgid,
+      resolve,
+      timer: setTimeout(() => {
+        if (waiters.delete(waiter)) resolve(false)
+      }, timeoutMs)
+    }
+    waiters.add(waiter)
     pollTimer ??= setInterval(pollWaiters, POLL_MS)
   })
 }
 
 function pollWaiters (): void {
   let live: Set<number> | null | undefined
-  const now = performance.now()
   for (const waiter of waiters) {
     let alive = signalGroup(waiter.pgid, 0)
     if (alive) {
       live ??= liveGroupsFromProc()
       alive = live === null || live.has(waiter.pgid)
     }
-    if (!alive || now >= waiter.deadline) {
+    if (!alive) {
       waiters.delete(waiter)
-      waiter.resolve(!alive)
+      clearTimeout(waiter.timer)
+      waiter.resolve(true)
     }
   }
   if (waiters.size === 0 && pollTimer !== null) {
