@@ -238,7 +238,9 @@ export function resolveConfig (env: Record<string, unknown>): AgentSessionsConfi
     host: values.host as string,
     logLevel: values.logLevel as string,
     workspaceDir,
-    cursorAgentBin: values.cursorAgentBin as string,
+    // A relative path means relative to where the server started, not to
+    // WORKSPACE_DIR (the agent's cwd); a bare name is looked up on PATH.
+    cursorAgentBin: (values.cursorAgentBin as string).includes('/') ? resolve(values.cursorAgentBin as string) : values.cursorAgentBin as string,
     sessionTimeoutMs: values.sessionTimeout as number,
     maxSessionTimeoutMs: values.maxSessionTimeout as number,
     cleanupIntervalMs: values.cleanupInterval as number,

@@ -73,3 +73,11 @@ t.test('a bad value stops start-up with a message naming the variable and the op
     await t.rejects(configOf(options), { message }, JSON.stringify(options))
   }
 })
+
+t.test('a relative CURSOR_AGENT_BIN is relative to the server, not to WORKSPACE_DIR', async (t) => {
+  const { tmpdir } = await import('node:os')
+  const { relative } = await import('node:path')
+  const config = await configOf({ cursorAgentBin: './' + relative(process.cwd(), SIMULATOR), workspaceDir: tmpdir() })
+  t.equal(config.cursorAgentBin, SIMULATOR)
+  t.equal((await configOf({ cursorAgentBin: 'cursor-agent' })).cursorAgentBin, 'cursor-agent', 'a bare name stays a PATH lookup')
+})
