@@ -8,14 +8,10 @@
 
 import { spawn } from 'node:child_process'
 import { Agent, request } from 'node:http'
-import Fastify from 'fastify'
-import fp from 'fastify-plugin'
-import agentSessions from '../app.js'
 import { SERVICE_ENV_NAMES } from '../lib/config.js'
-import { agentEnvironment, CursorAgentRunner } from '../lib/cursor-agent.js'
-import { silentLogger } from '../lib/logger.js'
+import { agentEnvironment, turnArgs } from '../lib/cursor-agent.js'
 import type { RunReport } from '../lib/cursor-agent.js'
-import { fmt, killLeftovers, signed, QUICK, removeDir, round, ROOT, sandbox, SIMULATOR, stillRunning, summarize, type BenchResult } from './lib.js'
+import { fmt, killLeftovers, signed, QUICK, removeDir, round, sandbox, stillRunning, summarize, type BenchResult, serviceApp } from './lib.js'
 
 const TARGET_P50_ADDED_MS = 3
 
@@ -25,10 +21,7 @@ export async function run (): Promise<BenchResult> {
   const box = sandbox('ask')
   const agentEnv = { FAKE_AGENT_STATE_DIR: box.dir }
 
-  const app = Fastify({ logger: false })
-  await app.register(fp(agentSessions), {
-    cursorAgentBin: SIMULATOR,
-    workspaceDir: ROOT,
+  const app = await serviceApp({
     killGrace: '2s',
     askTimeout: '30s',
     agentEnv
@@ -66,18 +59,12 @@ export async function run (): Promise<BenchResult> {
   // The same argv and environment the service builds for a turn.
   const config = app.agentSessionsConfig
   const env = agentEnvironment(process.env, SERVICE_ENV_NAMES, agentEnv)
-  const argvOf = (chatId: string): string[] => new CursorAgentRunner({
-    bin: config.cursorAgentBin,
+  const argvOf = (chatId: string): string[] => turnArgs(chatId, {
     workspaceDir: config.workspaceDir,
-    env,
-    killSignal: config.killSignal,
-    killGraceMs: config.killGraceMs,
     model: config.agentModel,
     force: config.agentForce,
-    trust: config.agentTrust,
-    maxOutputBytes: config.maxAnswerBytes,
-    log: silentLogger
-  }).turnArgs(chatId)
+    trust: config.agentTrust
+  })
 
   /** Spawns the simulator; resolves the time to its result line, and when it has exited. */
   const direct = (args: string[], input: string): Promise<{ ms: number, cpuUs: number, exited: Promise<void>, result: string }> => new Promise((resolve, reject) => {

@@ -12,12 +12,26 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import autocannon from 'autocannon'
+import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
+import type { AgentSessionsOptions } from '../app.js'
+import { liftDecorators, ROOT, SIMULATOR } from '../test/helpers/index.js'
 import type { AgentRunner, RunReport } from '../lib/cursor-agent.js'
 import { isProcessAlive, signalGroup } from '../lib/terminate.js'
 
-export const ROOT = fileURLToPath(new URL('..', import.meta.url))
+export { ROOT, SIMULATOR }
+
+/**
+ * The real app against the simulator (or the given runner), ready, with its
+ * decorators lifted so a benchmark can reach the manager and the reaper.
+ */
+export async function serviceApp (options: AgentSessionsOptions, fastifyOptions: FastifyServerOptions = {}): Promise<FastifyInstance> {
+  const app = Fastify({ logger: false, ...fastifyOptions })
+  await app.register(liftDecorators, { cursorAgentBin: SIMULATOR, workspaceDir: ROOT, ...options })
+  await app.ready()
+  return app
+}
+
 export const BENCH_DIR = fileURLToPath(new URL('.', import.meta.url))
-export const SIMULATOR = join(ROOT, 'test', 'fixtures', 'fake-cursor-agent.mjs')
 
 export const QUICK = process.argv.includes('--quick') || process.env.BENCH_QUICK === '1'
 

@@ -4,10 +4,7 @@
 // bench/run.ts passes). For scale it also measures, in the same process, a bare
 // Map of as many plain { id, lastActivity, idleTimeoutMs } objects.
 
-import Fastify from 'fastify'
-import fp from 'fastify-plugin'
-import agentSessions from '../app.js'
-import { flatUUID, fmt, idleRunner, QUICK, round, ROOT, SIMULATOR, type BenchResult } from './lib.js'
+import { flatUUID, fmt, idleRunner, QUICK, round, type BenchResult, serviceApp } from './lib.js'
 
 const TARGET_BYTES = 1024
 
@@ -20,16 +17,12 @@ function settledHeap (): number {
 
 export async function run (): Promise<BenchResult> {
   const sessions = QUICK ? 10_000 : 100_000
-  const app = Fastify({ logger: false })
-  await app.register(fp(agentSessions), {
+  const app = await serviceApp({
     runner: idleRunner(),
-    cursorAgentBin: SIMULATOR,
-    workspaceDir: ROOT,
     maxSessions: sessions + 10,
     sessionTimeout: '1h',
     cleanupInterval: '1h'
   })
-  await app.ready()
   try {
     const manager = app.agentSessions
     // One session first, so that lazily built code and shapes are not counted.

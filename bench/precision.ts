@@ -5,11 +5,8 @@
 // 'session-ended' report (idleMs is reaped at - last activity) against its
 // expiry (last activity + idle timeout). Target: never above interval + 50 ms.
 
-import Fastify from 'fastify'
-import fp from 'fastify-plugin'
-import agentSessions from '../app.js'
 import type { EndReport } from '../lib/session-manager.js'
-import { fmt, idleRunner, QUICK, round, ROOT, SIMULATOR, summarize, type BenchResult } from './lib.js'
+import { fmt, idleRunner, QUICK, round, summarize, type BenchResult, serviceApp } from './lib.js'
 
 const SLACK_MS = 50
 
@@ -19,16 +16,12 @@ export async function run (): Promise<BenchResult> {
   const shortestMs = intervalMs
   const spreadMs = QUICK ? 600 : 3000
 
-  const app = Fastify({ logger: false })
-  await app.register(fp(agentSessions), {
+  const app = await serviceApp({
     runner: idleRunner(),
-    cursorAgentBin: SIMULATOR,
-    workspaceDir: ROOT,
     maxSessions: count + 10,
     sessionTimeout: '1h',
     cleanupInterval: intervalMs
   })
-  await app.ready()
   try {
     const manager = app.agentSessions
     const expiry = new Map<string, { expiresAt: number, idleTimeoutMs: number }>()

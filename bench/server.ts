@@ -10,9 +10,7 @@
 
 import { monitorEventLoopDelay, type IntervalHistogram } from 'node:perf_hooks'
 import Fastify, { type FastifyInstance } from 'fastify'
-import fp from 'fastify-plugin'
-import agentSessions from '../app.js'
-import { flatUUID, idleRunner, ROOT, SIMULATOR, type ServerConfig } from './lib.js'
+import { flatUUID, idleRunner, type ServerConfig, serviceApp } from './lib.js'
 
 const config = JSON.parse(process.argv[2] ?? '{}') as ServerConfig
 const LOOP_DELAY_RESOLUTION_MS = 1
@@ -43,18 +41,13 @@ async function bareApp (sessions: number): Promise<{ app: FastifyInstance, sessi
   return { app, sessionId: first }
 }
 
-async function serviceApp (sessions: number): Promise<{ app: FastifyInstance, sessionId: string }> {
-  const app = Fastify({ logger: false })
-  // fastify-plugin lifts the app's decorators here so the benchmark can reach the manager and reaper.
-  await app.register(fp(agentSessions), {
+async function serviceTarget (sessions: number): Promise<{ app: FastifyInstance, sessionId: string }> {
+  const app = await serviceApp({
     runner: idleRunner(),
-    cursorAgentBin: SIMULATOR,
-    workspaceDir: ROOT,
     maxSessions: sessions + 10,
     sessionTimeout: '1h',
     cleanupInterval: config.cleanupIntervalMs
   })
-  await app.ready()
   if (!config.sweeps) await app.agentSessionsReaper.stop()
   let first = ''
   for (let i = 0; i < sessions; i++) {
@@ -64,7 +57,7 @@ async function serviceApp (sessions: number): Promise<{ app: FastifyInstance, se
   return { app, sessionId: first }
 }
 
-const { app, sessionId } = config.mode === 'service' ? await serviceApp(config.sessions) : await bareApp(config.sessions)
+const { app, sessionId } = config.mode === 'service' ? await serviceTarget(config.sessions) : await bareApp(config.sessions)
 await app.listen({ host: '127.0.0.1', port: 0 })
 const address = app.server.address()
 const port = typeof address === 'object' && address !== null ? address.port : 0

@@ -12,14 +12,12 @@
 
 import { spawn } from 'node:child_process'
 import { readFileSync } from 'node:fs'
-import Fastify, { type LightMyRequestResponse } from 'fastify'
-import fp from 'fastify-plugin'
-import agentSessions from '../app.js'
+import { type LightMyRequestResponse } from 'fastify'
 import { SERVICE_ENV_NAMES } from '../lib/config.js'
 import { agentEnvironment } from '../lib/cursor-agent.js'
 import type { EndReport } from '../lib/session-manager.js'
 import { signalGroup } from '../lib/terminate.js'
-import { fmt, killLeftovers, QUICK, removeDir, round, ROOT, sandbox, SIMULATOR, sleep, stillRunning, type BenchResult, type TableRow } from './lib.js'
+import { fmt, killLeftovers, QUICK, removeDir, round, ROOT, sandbox, SIMULATOR, sleep, stillRunning, type BenchResult, type TableRow, serviceApp } from './lib.js'
 
 const TARGET_RATIO = 1.1
 const STUCK = '[[fault:stall]] [[fault:ignore-sigterm]] Please hang.'
@@ -103,17 +101,13 @@ export async function run (): Promise<BenchResult> {
 async function closeWithStuckSessions (n: number, graceMs: number): Promise<Round> {
   const box = sandbox(`teardown-${n}`)
   const setupStarted = performance.now()
-  const app = Fastify({ logger: false, return503OnClosing: false })
-  await app.register(fp(agentSessions), {
-    cursorAgentBin: SIMULATOR,
-    workspaceDir: ROOT,
+  const app = await serviceApp({
     killGrace: graceMs,
     askTimeout: '5m',
     sessionTimeout: '1h',
     maxSessions: n + 10,
     agentEnv: { FAKE_AGENT_STATE_DIR: box.dir }
-  })
-  await app.ready()
+  }, { return503OnClosing: false })
   const ended: EndReport[] = []
   const endedAt: number[] = []
   app.agentSessions.on('session-ended', (report) => {

@@ -67,6 +67,15 @@ const STREAM_FLUSH_WAIT_MS = 500
 const VERSION_TIMEOUT_MS = 5000
 const CHAT_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
 
+/** The argv of one headless turn; the question goes to stdin, never here. */
+export function turnArgs (chatId: string, options: Pick<CursorAgentOptions, 'workspaceDir' | 'trust' | 'force' | 'model'>): string[] {
+  const args = ['-p', '--output-format', 'stream-json', '--resume', chatId, '--workspace', options.workspaceDir]
+  if (options.trust) args.push('--trust')
+  if (options.force) args.push('--force')
+  if (options.model !== undefined && options.model !== '') args.push('--model', options.model)
+  return args
+}
+
 export class CursorAgentRunner implements AgentRunner {
   readonly #options: CursorAgentOptions
   // A turn still alive this long after its result is hanging (known
@@ -76,15 +85,6 @@ export class CursorAgentRunner implements AgentRunner {
   constructor (options: CursorAgentOptions) {
     this.#options = options
     this.#resultGraceMs = Math.min(1000, Math.floor(options.killGraceMs / 4))
-  }
-
-  turnArgs (chatId: string): string[] {
-    const o = this.#options
-    const args = ['-p', '--output-format', 'stream-json', '--resume', chatId, '--workspace', o.workspaceDir]
-    if (o.trust) args.push('--trust')
-    if (o.force) args.push('--force')
-    if (o.model !== undefined && o.model !== '') args.push('--model', o.model)
-    return args
   }
 
   createChat (options: { timeoutMs: number, signal?: AbortSignal }): AgentRun<string> {
@@ -115,7 +115,7 @@ export class CursorAgentRunner implements AgentRunner {
     const started = performance.now()
     let assistantText = ''
     return this.#run<TurnAnswer>({
-      args: this.turnArgs(options.chatId),
+      args: turnArgs(options.chatId, this.#options),
       input: options.prompt,
       timeoutMs: options.timeoutMs,
       signal: options.signal,

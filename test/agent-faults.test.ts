@@ -3,7 +3,7 @@
 // JSON error, the session stays usable, and every recorded pid is gone.
 
 import t from 'tap'
-import { ask, build, sandbox, startSession, waitForGone, type BuildOptions } from './helpers/index.js'
+import { agentWrapper, ask, build, RUN_SIMULATOR, sandbox, startSession, waitForGone, type BuildOptions } from './helpers/index.js'
 
 const KILL_GRACE_MS = 1000
 
@@ -143,19 +143,11 @@ t.test('output past MAX_ANSWER_BYTES is cut off with a clear error', async (t) =
 })
 
 t.test('the agent binary disappearing after start-up fails the turn, not the server', async (t) => {
-  const { writeFileSync, rmSync, mkdtempSync } = await import('node:fs')
-  const { join } = await import('node:path')
-  const { tmpdir } = await import('node:os')
-  const { SIMULATOR } = await import('./helpers/index.js')
-  const dir = mkdtempSync(join(tmpdir(), 'agent-bin-'))
-  t.after(() => rmSync(dir, { recursive: true, force: true }))
-  const bin = join(dir, 'cursor-agent')
-  // Like the real one: a shell wrapper around a Node program.
-  writeFileSync(bin, `#!/bin/sh\nexec "${process.execPath}" "${SIMULATOR}" "$@"\n`, { mode: 0o755 })
+  const { bin, remove } = agentWrapper(t)
   const box = sandbox(t)
   const app = await build(t, box, { cursorAgentBin: bin })
   const id = await startSession(app)
-  rmSync(bin)
+  remove()
   const res = await ask(app, id, 'are you there?')
   t.equal(res.statusCode, 502)
   t.equal(res.json().error, 'PROCESS_SPAWN_FAILED')
@@ -165,22 +157,14 @@ t.test('the agent binary disappearing after start-up fails the turn, not the ser
 
 // Misbehaviours the simulator has no switch for, played by a shell wrapper that
 // answers some questions itself and hands every other call to the simulator.
-async function misbehavingAgent (t: { after: (fn: () => unknown) => void }): Promise<string> {
-  const { writeFileSync, rmSync, mkdtempSync } = await import('node:fs')
-  const { join } = await import('node:path')
-  const { tmpdir } = await import('node:os')
-  const { SIMULATOR } = await import('./helpers/index.js')
-  const dir = mkdtempSync(join(tmpdir(), 'agent-bin-'))
-  t.after(() => rmSync(dir, { recursive: true, force: true }))
-  const bin = join(dir, 'cursor-agent')
-  writeFileSync(bin, `#!/bin/sh
-echo "$$ main" >> "$FAKE_AGENT_STATE_DIR/pids.log"
+function misbehavingAgent (t: { after: (fn: () => unknown) => void }): string {
+  return agentWrapper(t, `echo "$$ main" >> "$FAKE_AGENT_STATE_DIR/pids.log"
 if [ "$1" = "create-chat" ]; then
   case "$WRAPPER_CREATE_CHAT" in
     silent) exit 0 ;;
     segv) kill -SEGV $$ ;;
   esac
-  exec "${process.execPath}" "${SIMULATOR}" "$@"
+  ${RUN_SIMULATOR}
 fi
 input=$(cat)
 case "$input" in
@@ -192,15 +176,13 @@ case "$input" in
   *STDERR-FLOOD-THEN-FAIL*) yes '[noise] worker: still alive' | head -c 5000000 >&2; printf 'Error: the last words\\n' >&2; exit 1 ;;
   *STDERR-ONE-LINE-THEN-FAIL*) head -c 5000000 /dev/zero | tr '\\0' 'e' >&2; printf '\\nError: the last words\\n' >&2; exit 1 ;;
 esac
-printf '%s' "$input" | exec "${process.execPath}" "${SIMULATOR}" "$@"
-`, { mode: 0o755 })
-  return bin
+printf '%s' "$input" | ${RUN_SIMULATOR}`).bin
 }
 
 t.test('turns that end without a usable answer give a clear JSON error, leave no process and the session answers again', async (t) => {
   const { isGroupAlive } = await import('../lib/terminate.js')
   const box = sandbox(t)
-  const app = await build(t, box, { cursorAgentBin: await misbehavingAgent(t), maxAnswerBytes: 1_000_000, askTimeout: '20s' })
+  const app = await build(t, box, { cursorAgentBin: misbehavingAgent(t), maxAnswerBytes: 1_000_000, askTimeout: '20s' })
   const id = await startSession(app)
   const cases: Array<{ marker: string, status: number, code: string, details: RegExp }> = [
     { marker: 'PLAIN-ONLY', status: 502, code: 'PROCESS_COMMUNICATION_FAILED', details: /exited with code 0 without an answer/ },
@@ -243,7 +225,7 @@ t.test('turns that end without a usable answer give a clear JSON error, leave no
 })
 
 t.test('create-chat that prints nothing, dies of a signal or stalls: no session, no process', async (t) => {
-  const bin = await misbehavingAgent(t)
+  const bin = misbehavingAgent(t)
   const cases: Array<{ name: string, options: BuildOptions, status: number, code: string, details: RegExp }> = [
     { name: 'prints nothing', options: { cursorAgentBin: bin, agentEnv: { WRAPPER_CREATE_CHAT: 'silent' } }, status: 502, code: 'PROCESS_COMMUNICATION_FAILED', details: /chat id/ },
     { name: 'killed by SIGSEGV', options: { cursorAgentBin: bin, agentEnv: { WRAPPER_CREATE_CHAT: 'segv' } }, status: 502, code: 'PROCESS_COMMUNICATION_FAILED', details: /SIGSEGV/ },
@@ -262,20 +244,12 @@ t.test('create-chat that prints nothing, dies of a signal or stalls: no session,
 })
 
 t.test('the agent binary coming back after it disappeared: the same session answers again', async (t) => {
-  const { writeFileSync, rmSync, mkdtempSync } = await import('node:fs')
-  const { join } = await import('node:path')
-  const { tmpdir } = await import('node:os')
-  const { SIMULATOR } = await import('./helpers/index.js')
-  const dir = mkdtempSync(join(tmpdir(), 'agent-bin-'))
-  t.after(() => rmSync(dir, { recursive: true, force: true }))
-  const bin = join(dir, 'cursor-agent')
-  const install = (): void => writeFileSync(bin, `#!/bin/sh\nexec "${process.execPath}" "${SIMULATOR}" "$@"\n`, { mode: 0o755 })
-  install()
+  const { bin, install, remove } = agentWrapper(t)
   const box = sandbox(t)
   const app = await build(t, box, { cursorAgentBin: bin })
   const id = await startSession(app)
   t.equal((await ask(app, id, 'first')).statusCode, 200)
-  rmSync(bin)
+  remove()
   const missing = await ask(app, id, 'second')
   t.equal(missing.statusCode, 502)
   t.equal(missing.json().error, 'PROCESS_SPAWN_FAILED')

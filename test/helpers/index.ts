@@ -1,7 +1,7 @@
 // Test helpers: build the app against the simulator, read the pids it
 // recorded, and prove they are gone.
 
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -53,6 +53,22 @@ export function sandbox (t: TapLike): Sandbox {
     rmSync(stateDir, { recursive: true, force: true })
   })
   return { stateDir, pids }
+}
+
+export const RUN_SIMULATOR = `exec "${process.execPath}" "${SIMULATOR}" "$@"`
+
+/**
+ * A cursor-agent in a temp dir that a test can remove and put back: like the
+ * real one, a shell script around a Node program (the simulator, unless the
+ * test's script plays some part itself).
+ */
+export function agentWrapper (t: TapLike, script = RUN_SIMULATOR): { bin: string, install: () => void, remove: () => void } {
+  const dir = mkdtempSync(join(tmpdir(), 'agent-bin-'))
+  t.after(() => rmSync(dir, { recursive: true, force: true }))
+  const bin = join(dir, 'cursor-agent')
+  const install = (): void => writeFileSync(bin, `#!/bin/sh\n${script}\n`, { mode: 0o755 })
+  install()
+  return { bin, install, remove: () => rmSync(bin) }
 }
 
 export interface BuildOptions extends AgentSessionsOptions {
