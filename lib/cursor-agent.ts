@@ -218,7 +218,10 @@ export class CursorAgentRunner implements AgentRunner {
         clearTimeout(timer)
         const run = async (): Promise<TeardownReport> => {
           if (pid === null) return { stage: 'exited', signal: null, durationMs: 0 }
-          const report = await terminateProcessGroup(pid, { signal: o.killSignal, graceMs: o.killGraceMs })
+          // After a result the grace counts from the result itself, so even an
+          // agent that hangs and ignores the polite signal is gone within KILL_GRACE of it.
+          const graceMs = resultAt === null ? o.killGraceMs : Math.max(0, o.killGraceMs - (performance.now() - resultAt))
+          const report = await terminateProcessGroup(pid, { signal: o.killSignal, graceMs })
           // Everything that held the pipes is gone; close our ends so execa settles.
           subprocess.stdout?.destroy()
           subprocess.stderr?.destroy()
