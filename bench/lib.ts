@@ -111,15 +111,12 @@ export function sleep (ms: number): Promise<void> {
 
 const NOTHING_RAN: Promise<RunReport> = Promise.resolve({ pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } })
 
-/**
- * A random UUID as a flat string. randomUUID() returns a rope of concatenated
- * pieces, ~8x larger in the heap; the real runner's chat ids are parsed out of
- * create-chat's output (flat), and the baselines' ids must cost what the
- * service's cost, or the memory figures would compare ropes with strings.
- */
-export function flatUUID (): string {
-  return Buffer.from(randomUUID(), 'latin1').toString('latin1')
-}
+// Ids as the service keeps them (flat strings, not randomUUID()'s ropes): the
+// real runner's chat ids are parsed out of create-chat's output (flat), and the
+// baselines' ids must cost what the service's cost, or the memory figures
+// would compare ropes with strings.
+export { newSessionId as flatUUID } from '../lib/session-manager.js'
+import { newSessionId as flatUUID } from '../lib/session-manager.js'
 
 export function idleRunner (): AgentRunner {
   return {

@@ -389,7 +389,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
  * piece, which V8 keeps as a rope of ~15 nodes (~400 bytes of heap); copied once
  * it is a 56-byte string, and a session id lives as long as its session.
  */
-function newSessionId (): string {
+export function newSessionId (): string {
   return Buffer.from(randomUUID(), 'latin1').toString('latin1')
 }
 
