@@ -154,6 +154,15 @@ export class ConfigError extends Error {
   }
 }
 
+function settingOf (env: string): Setting {
+  return (SETTINGS as readonly Setting[]).find((s) => s.env === env) as Setting
+}
+
+/** The one shape of a bad-setting message: it names the variable, the option and what it takes. */
+function invalid (setting: Setting, expected: string, got: unknown): ConfigError {
+  return new ConfigError(`Invalid configuration: ${setting.env} (option ${setting.option}) must be ${expected}, got ${JSON.stringify(got)}`)
+}
+
 const HINT: Record<Kind, string> = {
   duration: 'a duration such as 500ms, 30s, 10m, 1h or plain milliseconds',
   integer: 'a whole number',
@@ -168,10 +177,10 @@ export function describeEnvError (err: unknown, values: Record<string, unknown> 
   const errors = (err as { errors?: Array<{ instancePath?: string, params?: { allowedValues?: unknown[] } }> }).errors
   const first = errors?.[0]
   const name = first?.instancePath?.replace(/^\//, '')
-  const setting = SETTINGS.find((s) => s.env === name) as Setting | undefined
+  const setting = name === undefined ? undefined : (SETTINGS as readonly Setting[]).find((s) => s.env === name)
   if (setting === undefined) return new ConfigError(`Invalid configuration: ${(err as Error).message}`)
   const expected = setting.enum !== undefined ? `one of ${setting.enum.join(', ')}` : HINT[setting.kind]
-  return new ConfigError(`Invalid configuration: ${setting.env} (option ${setting.option}) must be ${expected}, got ${JSON.stringify(values[setting.env])}`)
+  return invalid(setting, expected, values[setting.env])
 }
 
 /**
@@ -183,7 +192,7 @@ function checkList (setting: Setting, text: string): string[] | undefined {
   const items = text.split(',').map((item) => item.trim()).filter((item) => item !== '')
   if (items.length === 0) return undefined
   if (items.includes('*')) {
-    if (items.length > 1) throw new ConfigError(`Invalid configuration: ${setting.env} (option ${setting.option}) must be * alone or a list of origins, got ${JSON.stringify(text)}`)
+    if (items.length > 1) throw invalid(setting, '* alone or a list of origins', text)
     return items
   }
   for (const item of items) {
@@ -192,7 +201,7 @@ function checkList (setting: Setting, text: string): string[] | undefined {
       origin = new URL(item).origin
     } catch {}
     if (origin !== item) {
-      throw new ConfigError(`Invalid configuration: ${setting.env} (option ${setting.option}) must be * or origins such as https://app.example.com (scheme, host and port, no path or trailing slash), got ${JSON.stringify(item)}`)
+      throw invalid(setting, '* or origins such as https://app.example.com (scheme, host and port, no path or trailing slash)', item)
     }
   }
   return items
@@ -209,11 +218,11 @@ export function resolveConfig (env: Record<string, unknown>): AgentSessionsConfi
     if (setting.kind === 'duration' || setting.kind === 'integer') {
       const n = setting.kind === 'duration' ? parseDuration(text) : Number(text)
       if (n === undefined || !Number.isSafeInteger(n)) {
-        throw new ConfigError(`Invalid configuration: ${setting.env} (option ${setting.option}) must be ${HINT[setting.kind]}, got ${JSON.stringify(raw)}`)
+        throw invalid(setting, HINT[setting.kind], raw)
       }
       if ((setting.min !== undefined && n < setting.min) || (setting.max !== undefined && n > setting.max)) {
         const range = setting.max === undefined ? `at least ${setting.min}` : `between ${setting.min} and ${setting.max}`
-        throw new ConfigError(`Invalid configuration: ${setting.env} (option ${setting.option}) must be ${range}${setting.kind === 'duration' ? ' ms' : ''}, got ${JSON.stringify(raw)}`)
+        throw invalid(setting, `${range}${setting.kind === 'duration' ? ' ms' : ''}`, raw)
       }
       value = n
     } else if (setting.kind === 'boolean') {
@@ -230,7 +239,7 @@ export function resolveConfig (env: Record<string, unknown>): AgentSessionsConfi
     isDir = statSync(workspaceDir).isDirectory()
   } catch {}
   if (!isDir) {
-    throw new ConfigError(`Invalid configuration: WORKSPACE_DIR (option workspaceDir) must be an existing directory, got ${JSON.stringify(workspaceDir)}`)
+    throw invalid(settingOf('WORKSPACE_DIR'), 'an existing directory', workspaceDir)
   }
 
   const config: AgentSessionsConfig = {
