@@ -4,8 +4,10 @@
 import t from 'tap'
 import { SessionManager, type EndReport } from '../lib/session-manager.js'
 import { Sweeper } from '../lib/sweeper.js'
+import { AgentSessionError } from '../lib/errors.js'
 import type { Logger } from '../lib/logger.js'
 import { FakeRunner } from './helpers/fake-runner.js'
+import { waitFor } from './helpers/index.js'
 
 const MINUTE = 60_000
 
@@ -272,4 +274,38 @@ t.test('sweeper', async (t) => {
     await sweeper.stop()
     t.ok(finished)
   })
+})
+
+t.test('each session keeps a bounded conversation log of its answered turns', async (t) => {
+  const clock = { now: 1_000 }
+  const runner = new FakeRunner()
+  const manager = new SessionManager({
+    runner, maxSessions: 10, sessionTimeoutMs: MINUTE, maxSessionTimeoutMs: MINUTE, askTimeoutMs: MINUTE, maxHistory: 4, now: () => clock.now
+  })
+  const s = await manager.create()
+  t.same(manager.history(s.id), [])
+  for (const n of [1, 2, 3]) {
+    const asking = manager.ask(s.id, `q${n}`)
+    clock.now += 10
+    // The turn starts once the previous one has settled (a microtask later).
+    await waitFor(() => runner.turns.length === n, 1000, `turn ${n}`)
+    runner.turns[n - 1].answer(`a${n}`)
+    runner.turns[n - 1].finish()
+    await asking
+  }
+  t.same(manager.history(s.id), [
+    { role: 'user', content: 'q2', timestamp: 1_020 },
+    { role: 'assistant', content: 'a2', timestamp: 1_020 },
+    { role: 'user', content: 'q3', timestamp: 1_030 },
+    { role: 'assistant', content: 'a3', timestamp: 1_030 }
+  ], 'oldest entries dropped past maxHistory')
+  const failing = manager.ask(s.id, 'q4')
+  await waitFor(() => runner.turns.length === 4, 1000, 'turn 4')
+  runner.turns[3].fail(new AgentSessionError('PROCESS_COMMUNICATION_FAILED', 'boom'))
+  runner.turns[3].finish()
+  await t.rejects(failing)
+  t.equal(manager.history(s.id).length, 4, 'a failed turn is not logged')
+  const copy = manager.history(s.id)
+  copy.length = 0
+  t.equal(manager.history(s.id).length, 4, 'callers get a copy')
 })
