@@ -9,7 +9,7 @@ import closeWithGrace from 'close-with-grace'
 import envSchema from 'env-schema'
 import agentSessions from './app.js'
 import { sendError, toAgentSessionError } from './plugins/http.js'
-import { killTrackedGroupsNow } from './lib/terminate.js'
+import { killTrackedGroupsNow } from './lib/processes/terminate.js'
 import { ConfigError, describeEnvError, envJsonSchema, exposureError, resolveConfig, type AgentSessionsConfig } from './lib/config.js'
 
 const REQUEST_ID = /^[\w.:-]{1,128}$/

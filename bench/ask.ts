@@ -9,8 +9,9 @@
 import { spawn } from 'node:child_process'
 import { Agent, request } from 'node:http'
 import { SERVICE_ENV_NAMES } from '../lib/config.js'
-import { agentEnvironment, turnArgs } from '../lib/cursor-agent.js'
-import type { RunReport } from '../lib/cursor-agent.js'
+import { turnArgs } from '../lib/agents/cursor-print.js'
+import type { RunReport } from '../lib/agents/types.js'
+import { agentEnvironment } from '../lib/processes/environment.js'
 import { fmt, killLeftovers, signed, QUICK, removeDir, round, sandbox, stillRunning, summarize, type BenchResult, serviceApp } from './lib.js'
 
 const TARGET_P50_ADDED_MS = 3

@@ -15,8 +15,8 @@ import autocannon from 'autocannon'
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
 import type { AgentSessionsOptions } from '../app.js'
 import { liftDecorators, ROOT, SIMULATOR } from '../test/helpers/index.js'
-import type { AgentRunner, RunReport } from '../lib/cursor-agent.js'
-import { isProcessAlive, signalGroup } from '../lib/terminate.js'
+import type { AgentRunner, RunReport } from '../lib/agents/types.js'
+import { isProcessAlive, signalGroup } from '../lib/processes/terminate.js'
 
 export { ROOT, SIMULATOR }
 
@@ -115,8 +115,8 @@ const NOTHING_RAN: Promise<RunReport> = Promise.resolve({ pid: null, teardown: {
 // real runner's chat ids are parsed out of create-chat's output (flat), and the
 // baselines' ids must cost what the service's cost, or the memory figures
 // would compare ropes with strings.
-export { newSessionId as flatUUID } from '../lib/session-manager.js'
-import { newSessionId as flatUUID } from '../lib/session-manager.js'
+export { newSessionId as flatUUID } from '../lib/sessions/manager.js'
+import { newSessionId as flatUUID } from '../lib/sessions/manager.js'
 
 export function idleRunner (): AgentRunner {
   return {

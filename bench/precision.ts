@@ -5,7 +5,7 @@
 // 'session-ended' report (idleMs is reaped at - last activity) against its
 // expiry (last activity + idle timeout). Target: never above interval + 50 ms.
 
-import type { EndReport } from '../lib/session-manager.js'
+import type { EndReport } from '../lib/sessions/manager.js'
 import { fmt, idleRunner, QUICK, round, summarize, type BenchResult, serviceApp } from './lib.js'
 
 const SLACK_MS = 50

@@ -20,7 +20,7 @@ import { runInNewContext } from 'node:vm'
 import fp from 'fastify-plugin'
 import Fastify, { type FastifyInstance } from 'fastify'
 import agentSessions, { type AgentSessionsOptions } from '../app.js'
-import { isProcessAlive, signalGroup } from '../lib/terminate.js'
+import { isProcessAlive, signalGroup } from '../lib/processes/terminate.js'
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
 const SIMULATOR = join(ROOT, 'test', 'fixtures', 'fake-cursor-agent.mjs')

@@ -14,9 +14,9 @@ import { spawn } from 'node:child_process'
 import { readFileSync } from 'node:fs'
 import { type LightMyRequestResponse } from 'fastify'
 import { SERVICE_ENV_NAMES } from '../lib/config.js'
-import { agentEnvironment } from '../lib/cursor-agent.js'
-import type { EndReport } from '../lib/session-manager.js'
-import { signalGroup } from '../lib/terminate.js'
+import { agentEnvironment } from '../lib/processes/environment.js'
+import type { EndReport } from '../lib/sessions/manager.js'
+import { signalGroup } from '../lib/processes/terminate.js'
 import { fmt, killLeftovers, QUICK, removeDir, round, ROOT, sandbox, SIMULATOR, sleep, stillRunning, type BenchResult, type TableRow, serviceApp } from './lib.js'
 
 const TARGET_RATIO = 1.1

@@ -5,10 +5,10 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client'
-import type { RunReport } from '../lib/cursor-agent.js'
+import type { RunReport } from '../lib/agents/types.js'
 import type { SessionEndReason } from '../lib/errors.js'
-import type { EndReport, TurnOutcome } from '../lib/session-manager.js'
-import type { TeardownStage } from '../lib/terminate.js'
+import type { EndReport, TurnOutcome } from '../lib/sessions/manager.js'
+import type { TeardownStage } from '../lib/processes/terminate.js'
 
 declare module 'fastify' {
   interface FastifyInstance {

@@ -3,8 +3,8 @@
 
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
-import { Sweeper } from '../lib/sweeper.js'
-import type { EndReport } from '../lib/session-manager.js'
+import { Sweeper } from '../lib/sessions/sweeper.js'
+import type { EndReport } from '../lib/sessions/manager.js'
 
 declare module 'fastify' {
   interface FastifyInstance {

@@ -3,9 +3,11 @@
 
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
-import { CursorAgentRunner, agentEnvironment, type AgentRunner } from '../lib/cursor-agent.js'
+import { CursorAgentRunner } from '../lib/agents/cursor-print.js'
+import type { AgentRunner } from '../lib/agents/types.js'
+import { agentEnvironment } from '../lib/processes/environment.js'
 import { SERVICE_ENV_NAMES } from '../lib/config.js'
-import { SessionManager } from '../lib/session-manager.js'
+import { SessionManager } from '../lib/sessions/manager.js'
 
 declare module 'fastify' {
   interface FastifyInstance {

@@ -4,7 +4,7 @@ import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@fastify/type-provider-typebox'
 import { AgentSessionError } from '../lib/errors.js'
 import { parseDuration } from '../lib/config.js'
-import type { SessionInfo } from '../lib/session-manager.js'
+import type { SessionInfo } from '../lib/sessions/manager.js'
 import { errors, Expiry, SessionQuery } from './schemas.js'
 
 const StartBody = Type.Union([

@@ -180,7 +180,7 @@ printf '%s' "$input" | ${RUN_SIMULATOR}`).bin
 }
 
 t.test('turns that end without a usable answer give a clear JSON error, leave no process and the session answers again', async (t) => {
-  const { isGroupAlive } = await import('../lib/terminate.js')
+  const { isGroupAlive } = await import('../lib/processes/terminate.js')
   const box = sandbox(t)
   const app = await build(t, box, { cursorAgentBin: misbehavingAgent(t), maxAnswerBytes: 1_000_000, askTimeout: '20s' })
   const id = await startSession(app)

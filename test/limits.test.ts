@@ -5,7 +5,7 @@
 import t, { type Test } from 'tap'
 import { randomUUID } from 'node:crypto'
 import type { LightMyRequestResponse } from 'fastify'
-import type { AgentRun, AgentRunner, RunReport, TurnAnswer } from '../lib/cursor-agent.js'
+import type { AgentRun, AgentRunner, RunReport, TurnAnswer } from '../lib/agents/types.js'
 import { ask, build, sandbox, sleep, startSession } from './helpers/index.js'
 
 const EXITED: RunReport = { pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } }

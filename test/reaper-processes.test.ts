@@ -4,7 +4,7 @@
 import t from 'tap'
 import { Writable } from 'node:stream'
 import { ask, build, sandbox, sleep, startSession, waitFor, waitForGone } from './helpers/index.js'
-import type { EndReport } from '../lib/session-manager.js'
+import type { EndReport } from '../lib/sessions/manager.js'
 
 const TIMEOUT_MS = 1000
 const INTERVAL_MS = 200

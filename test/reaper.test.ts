@@ -2,8 +2,8 @@
 // sessions go, which stay, and the races between reaping, ending and use.
 
 import t from 'tap'
-import { SessionManager, type EndReport } from '../lib/session-manager.js'
-import { Sweeper } from '../lib/sweeper.js'
+import { SessionManager, type EndReport } from '../lib/sessions/manager.js'
+import { Sweeper } from '../lib/sessions/sweeper.js'
 import { AgentSessionError } from '../lib/errors.js'
 import type { Logger } from '../lib/logger.js'
 import { FakeRunner } from './helpers/fake-runner.js'

@@ -2,7 +2,7 @@
 
 import t from 'tap'
 import { spawn } from 'node:child_process'
-import { isGroupAlive, isProcessAlive, terminateProcessGroup } from '../lib/terminate.js'
+import { isGroupAlive, isProcessAlive, terminateProcessGroup } from '../lib/processes/terminate.js'
 import { waitFor, waitForGone } from './helpers/index.js'
 
 // A group leader that starts a grandchild and prints both pids; optionally both ignore SIGTERM.

@@ -2,7 +2,7 @@
 // answers and when its teardown finishes: races are driven deliberately.
 
 import { randomUUID } from 'node:crypto'
-import type { AgentRun, AgentRunner, RunReport, TurnAnswer, TurnOptions } from '../../lib/cursor-agent.js'
+import type { AgentRun, AgentRunner, RunReport, TurnAnswer, TurnOptions } from '../../lib/agents/types.js'
 import type { AgentSessionError } from '../../lib/errors.js'
 
 const EXITED: RunReport = { pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } }

@@ -8,7 +8,7 @@ import { fileURLToPath } from 'node:url'
 import fp from 'fastify-plugin'
 import Fastify, { type FastifyInstance, type LightMyRequestResponse } from 'fastify'
 import agentSessions, { type AgentSessionsOptions } from '../../app.js'
-import { isProcessAlive, signalGroup } from '../../lib/terminate.js'
+import { isProcessAlive, signalGroup } from '../../lib/processes/terminate.js'
 
 // fastify-plugin marks the function it wraps, so wrapping `agentSessions` itself
 // would strip the encapsulation (and the prefix) from every later use in the

@@ -2,9 +2,9 @@
 // sweeps never overlap however long a teardown takes, and it is unref'd so it
 // never keeps the process alive on its own.
 
-import type { Logger } from './logger.js'
-import { silentLogger } from './logger.js'
-import type { SweepReport } from './session-manager.js'
+import type { Logger } from '../logger.js'
+import { silentLogger } from '../logger.js'
+import type { SweepReport } from './manager.js'
 
 export interface SweeperOptions {
   intervalMs: number

@@ -6,10 +6,10 @@
 
 import { randomUUID } from 'node:crypto'
 import { EventEmitter, setMaxListeners } from 'node:events'
-import type { AgentRun, AgentRunner, RunReport } from './cursor-agent.js'
-import { AgentSessionError, formatDuration, sessionNotFound, shuttingDown, type SessionEndReason } from './errors.js'
-import { silentLogger, type Logger } from './logger.js'
-import type { TeardownStage } from './terminate.js'
+import type { AgentRun, AgentRunner, RunReport } from '../agents/types.js'
+import { AgentSessionError, formatDuration, sessionNotFound, shuttingDown, type SessionEndReason } from '../errors.js'
+import { silentLogger, type Logger } from '../logger.js'
+import type { TeardownStage } from '../processes/terminate.js'
 
 export type SessionState = 'idle' | 'busy' | 'closing'
 

@@ -3,51 +3,16 @@
 // parsed as it streams, and is torn down through the teardown ladder on every
 // path (answer, failure, timeout, abort), so nothing it started survives.
 
-import { execa } from 'execa'
-import { AgentSessionError, type ErrorCode } from './errors.js'
-import { terminateProcessGroup, trackGroup, untrackGroup, type TeardownReport } from './terminate.js'
-import type { Logger } from './logger.js'
-
-/** A running agent call: `result` settles as soon as the outcome is known, `finished` once no process of it is left. */
-export interface AgentRun<T> {
-  result: Promise<T>
-  finished: Promise<RunReport>
-}
-
-export interface RunReport {
-  pid: number | null
-  teardown: TeardownReport
-}
-
-export interface TurnAnswer {
-  answer: string
-  durationMs: number
-}
-
-export interface TurnOptions {
-  chatId: string
-  prompt: string
-  timeoutMs: number
-  /** Aborting tears the turn down; `result` rejects with the abort reason at once. */
-  signal?: AbortSignal
-}
-
-/**
- * What the session manager needs from an agent driver. The per-turn process
- * driver below implements it; a long-lived driver (one process per session
- * speaking ACP) can implement it without touching routes or the reaper.
- */
-export interface AgentRunner {
-  createChat (options: { timeoutMs: number, signal?: AbortSignal }): AgentRun<string>
-  startTurn (options: TurnOptions): AgentRun<TurnAnswer>
-  /** The agent's version string, or null when the binary does not answer. */
-  version (): Promise<string | null>
-}
+import { AgentSessionError, type ErrorCode } from '../errors.js'
+import { terminateProcessGroup, untrackGroup, type TeardownReport } from '../processes/terminate.js'
+import { spawnGroup } from '../processes/spawn.js'
+import type { Logger } from '../logger.js'
+import type { AgentRun, AgentRunner, RunReport, TurnAnswer, TurnOptions } from './types.js'
 
 export interface CursorAgentOptions {
   bin: string
   workspaceDir: string
-  /** Environment of every agent process, exactly (see agentEnvironment). */
+  /** Environment of every agent process, exactly (see agentEnvironment in lib/processes/environment.ts). */
   env: Record<string, string | undefined>
   killSignal: NodeJS.Signals
   killGraceMs: number
@@ -176,21 +141,8 @@ export class CursorAgentRunner implements AgentRunner {
       return { result, finished: Promise.resolve({ pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } }) }
     }
 
-    const subprocess = execa(o.bin, spec.args, {
-      cwd: o.workspaceDir,
-      env: o.env,
-      extendEnv: false,
-      detached: true,
-      cleanup: false,
-      input: spec.input,
-      stdout: 'pipe',
-      stderr: 'pipe',
-      buffer: false,
-      reject: false,
-      encoding: 'utf8'
-    })
+    const subprocess = spawnGroup(o.bin, spec.args, { cwd: o.workspaceDir, env: o.env, input: spec.input })
     const pid = subprocess.pid ?? null
-    if (pid !== null) trackGroup(pid)
     // execa resolves once the process exited AND its pipes closed; never left unawaited.
     const completion = subprocess.then((r) => r, (err: unknown) => err)
 
@@ -420,18 +372,3 @@ function streamEnd (stream: NodeJS.ReadableStream | null | undefined): Promise<v
 function delay (ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms).unref())
 }
-
-/**
- * The environment an agent process gets: the server's own, less the service's
- * settings and secrets (API_TOKEN must never reach a process that runs shell
- * commands), plus what the operator adds explicitly.
- */
-export function agentEnvironment (base: NodeJS.ProcessEnv, withhold: readonly string[], extra: Record<string, string> = {}): Record<string, string | undefined> {
-  const env: Record<string, string | undefined> = {}
-  const hidden = new Set(withhold)
-  for (const [key, value] of Object.entries(base)) {
-    if (!hidden.has(key) && value !== undefined) env[key] = value
-  }
-  return { ...env, ...extra }
-}
-

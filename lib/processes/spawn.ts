@@ -1,0 +1,41 @@
+// Every agent process starts here: as the leader of its own process group (so
+// the teardown ladder can reach all it starts), with exactly the environment
+// given, recorded in the process-wide registry until its group is gone.
+
+import { execa, type ResultPromise } from 'execa'
+import { trackGroup } from './terminate.js'
+
+export interface SpawnGroupOptions {
+  cwd: string
+  /** The whole environment of the process; nothing is inherited. */
+  env: Record<string, string | undefined>
+  /** Written to stdin, which is then closed; omit to keep stdin open as a pipe. */
+  input?: string
+}
+
+export type GroupProcess = ResultPromise<{ detached: true, buffer: false, encoding: 'utf8', reject: false }>
+
+/**
+ * Spawns `bin` as a group leader. The caller owns the teardown: it must call
+ * terminateProcessGroup(pid) and untrackGroup(pid) once done, and await the
+ * returned process (it never rejects).
+ */
+export function spawnGroup (bin: string, args: readonly string[], options: SpawnGroupOptions): GroupProcess {
+  const subprocess = execa(bin, args, {
+    cwd: options.cwd,
+    env: options.env,
+    extendEnv: false,
+    // Its own group: signals to -pgid reach every descendant.
+    detached: true,
+    // execa's own cleanup signals only the leader; the service tears groups down itself.
+    cleanup: false,
+    ...(options.input === undefined ? { stdin: 'pipe' as const } : { input: options.input }),
+    stdout: 'pipe',
+    stderr: 'pipe',
+    buffer: false,
+    reject: false,
+    encoding: 'utf8'
+  }) as GroupProcess
+  if (subprocess.pid !== undefined) trackGroup(subprocess.pid)
+  return subprocess
+}
