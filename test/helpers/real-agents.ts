@@ -4,7 +4,7 @@
 // apart from the package's dependencies by test/agents/install.sh; tests skip
 // with `skipReason` when that has not run.
 
-import { existsSync, mkdirSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
@@ -109,6 +109,33 @@ export function geminiAgent (mockUrl: string, home: string): RealAgent {
     },
     authMethod: 'gemini-api-key',
     home
+  }
+}
+
+/**
+ * gemini-cli 0.61.0 names a session's file `session-<UTC minute>-<id prefix>.jsonl`
+ * and, on session/load, first starts a fresh recording for the id being loaded:
+ * within the same UTC minute as the session's creation that lands in the SAME
+ * file and empties it, so the load fails ("No previous sessions found", -32603)
+ * or replays nothing. Once the minute has changed it writes a stray empty file
+ * instead and the load works. Resolves when a session/load of `sessionId` can
+ * work (at once for codex, or when no file of the session is found).
+ */
+export async function untilSessionLoadable (agent: RealAgent, sessionId: string): Promise<void> {
+  if (agent.name !== 'gemini') return
+  const minutes = new Set<string>()
+  const tmp = join(agent.home, '.gemini', 'tmp')
+  for (const project of existsSync(tmp) ? readdirSync(tmp) : []) {
+    const chats = join(tmp, project, 'chats')
+    for (const file of existsSync(chats) ? readdirSync(chats) : []) {
+      const m = /^session-(\d{4}-\d{2}-\d{2}T\d{2}-\d{2})-(.{8})\.jsonl?$/.exec(file)
+      if (m !== null && m[2] === sessionId.slice(0, 8)) minutes.add(m[1])
+    }
+  }
+  const minuteNow = (): string => new Date().toISOString().slice(0, 16).replace(/:/g, '-')
+  while (minutes.has(minuteNow())) {
+    const msLeft = 60_000 - (Date.now() % 60_000)
+    await new Promise((resolve) => setTimeout(resolve, msLeft + 50))
   }
 }
 
