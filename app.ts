@@ -24,7 +24,7 @@ import './plugins/reaper.js'
 import './plugins/docs.js'
 import './plugins/metrics.js'
 
-/** Plugin options: every setting of the configuration table in camelCase (they win over the environment), plus agentEnv, runner and now. */
+/** Plugin options: every setting of the configuration table in camelCase (they win over the environment), plus agentEnv, driver and now. */
 export interface AgentSessionsOptions extends AgentSessionsSettings, SessionManagerPluginOptions {}
 
 /**
@@ -59,7 +59,10 @@ export { agentSessions }
 export type { AgentSessionsConfig, AgentSessionsSettings } from './lib/config.js'
 export type { SessionManagerPluginOptions } from './plugins/session-manager.js'
 export type { TeardownStageLabel } from './plugins/metrics.js'
-export type { AgentRunner, AgentRun, TurnAnswer, TurnOptions, RunReport } from './lib/agents/types.js'
+export type {
+  AgentDriver, AgentConversation, AgentInfo, AgentExit, ConversationRef, OpenOptions, PromptOptions, ProcessReport,
+  TurnEvent, TurnResult, StopReason, PermissionRequest, PermissionDecision, PermissionOption
+} from './lib/agents/types.js'
 export type { SessionManager, SessionInfo, EndReport, SweepReport, SessionState } from './lib/sessions/manager.js'
 export type { Sweeper, SweeperStats } from './lib/sessions/sweeper.js'
 export type { TeardownReport, TeardownStage } from './lib/processes/terminate.js'

@@ -19,7 +19,11 @@ const askRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
         question: Type.String({ minLength: 1, description: `The question; at most MAX_QUESTION_BYTES (${maxQuestionBytes}) bytes of UTF-8` })
       }),
       response: {
-        200: Type.Object({ answer: Type.String(), session_id: Type.String() }, { description: 'The agent\'s answer' }),
+        200: Type.Object({
+          answer: Type.String({ description: 'The agent\'s answer; what arrived before the cancel when the turn was cancelled' }),
+          session_id: Type.String(),
+          stop_reason: Type.String({ description: 'Why the turn ended: end_turn, cancelled, max_tokens, max_turn_requests or refusal' })
+        }, { description: 'The agent\'s answer' }),
         ...errors(400, 401, 404, 409, 413, 429, 502, 503, 504)
       }
     }
@@ -35,10 +39,30 @@ const askRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     const sessionId = request.query.session_id
     request.log.info({ sessionId, questionBytes: size }, 'question received')
     request.log.debug({ sessionId, question }, 'question text')
-    const { answer, durationMs } = await manager.ask(sessionId, question)
-    request.log.info({ sessionId, answerBytes: Buffer.byteLength(answer), turnMs: durationMs }, 'question answered')
+    const { answer, durationMs, stopReason } = await manager.ask(sessionId, question)
+    request.log.info({ sessionId, answerBytes: Buffer.byteLength(answer), turnMs: durationMs, stopReason }, 'question answered')
     request.log.debug({ sessionId, answer }, 'answer text')
-    return { answer, session_id: sessionId }
+    return { answer, session_id: sessionId, stop_reason: stopReason }
+  })
+
+  fastify.post('/api/cancel', {
+    schema: {
+      operationId: 'cancelTurn',
+      summary: 'Cancel the question the session is answering',
+      description: 'The ask in flight answers promptly with stop_reason "cancelled" and the text that arrived; the session stays usable.',
+      tags: ['sessions'],
+      querystring: SessionQuery,
+      response: {
+        200: Type.Object({
+          session_id: Type.String(),
+          cancelled: Type.Boolean({ description: 'false when no question was in flight' })
+        }, { description: 'Whether a turn was cancelled' }),
+        ...errors(400, 401, 404)
+      }
+    }
+  }, async (request) => {
+    const sessionId = request.query.session_id
+    return { session_id: sessionId, cancelled: manager.cancel(sessionId) }
   })
 }
 

@@ -1,15 +1,20 @@
-// Sessions: create / get / touch / ask / end / endAll / sweep. Framework-free.
+// Sessions: create / get / touch / ask / cancel / end / endAll / sweep. Framework-free.
 //
-// Ending a session removes it from the map synchronously, before its processes
-// are torn down, so a request racing an end or a reap sees 404 at once and can
-// never revive it or start a process in it.
+// A session owns one agent conversation (lib/agents). Ending a session removes
+// it from the map synchronously, before its processes are torn down, so a
+// request racing an end or a reap sees 404 at once and can never revive it or
+// start a process in it.
 
 import { randomUUID } from 'node:crypto'
 import { EventEmitter, setMaxListeners } from 'node:events'
-import type { AgentRun, AgentRunner, RunReport } from '../agents/types.js'
+import type {
+  AgentConversation, AgentDriver, AgentExit, ConversationRef, PermissionDecision, PermissionRequest, ProcessReport,
+  StopReason, TurnEvent, TurnResult
+} from '../agents/types.js'
 import { AgentSessionError, formatDuration, sessionNotFound, shuttingDown, type SessionEndReason } from '../errors.js'
 import { silentLogger, type Logger } from '../logger.js'
 import type { TeardownStage } from '../processes/terminate.js'
+import { decideByPolicy, type PermissionPolicy } from './permissions.js'
 
 export type SessionState = 'idle' | 'busy' | 'closing'
 
@@ -22,7 +27,7 @@ export interface ConversationEntry {
 /** A read-only view of a session. Times are epoch milliseconds. */
 export interface SessionInfo {
   id: string
-  chatId: string
+  ref: ConversationRef
   state: SessionState
   createdAt: number
   lastActivity: number
@@ -49,19 +54,27 @@ export interface SweepReport {
 
 export type TurnOutcome = 'answered' | 'failed' | 'timeout' | 'cancelled'
 
+export interface AskResult extends TurnResult {}
+
 export interface SessionManagerEvents {
   'session-started': [SessionInfo]
   'session-ended': [EndReport]
   'turn-finished': [{ sessionId: string, outcome: TurnOutcome, durationMs: number, code?: string }]
-  'process-finished': [RunReport]
+  /** Every event of every turn, in order (what streams and logs follow). */
+  'turn-event': [{ sessionId: string, event: TurnEvent }]
+  /** A live agent died without being asked to. */
+  'agent-exited': [{ sessionId: string } & AgentExit]
+  'process-finished': [ProcessReport]
 }
 
 export interface SessionManagerOptions {
-  runner: AgentRunner
+  driver: AgentDriver
   maxSessions: number
   sessionTimeoutMs: number
   maxSessionTimeoutMs: number
   askTimeoutMs: number
+  /** What agents' permission requests are answered with (default reject). */
+  permissionPolicy?: PermissionPolicy
   /** Largest conversation log kept per session (oldest entries dropped). */
   maxHistory?: number
   /** How many ended ids, and for how long, are remembered to say why they are gone. */
@@ -72,40 +85,42 @@ export interface SessionManagerOptions {
 
 interface Session {
   readonly id: string
-  readonly chatId: string
   readonly createdAt: number
   readonly idleTimeoutMs: number
+  readonly ref: ConversationRef
   state: SessionState
   lastActivity: number
-  /** Cancels the turn in flight; set only while busy. */
+  /** null once it is gone for good; a dead one (not alive) is resumed by the next ask. */
+  conversation: AgentConversation | null
+  /** Aborts the ask in flight (end, shutdown); set only while busy. */
   turn: AbortController | null
-  /** Resolves when the last turn's processes are gone (a turn answers before its teardown ends). */
-  settling: Promise<RunReport> | null
+  /** A cancel that came before the turn reached the agent (while its agent was being brought back). */
+  cancelRequested: boolean
   history: ConversationEntry[] | null
 }
 
 interface EndedRecord { reason: SessionEndReason, idleMs: number, endedAt: number }
 
+const EXITED: ProcessReport = { pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } }
+
 export class SessionManager extends EventEmitter<SessionManagerEvents> {
   readonly #sessions = new Map<string, Session>()
   readonly #ended = new Map<string, EndedRecord>()
   readonly #closing = new Map<string, Promise<EndReport>>()
-  // Agent processes (create-chat, turns) whose teardown has not finished yet.
-  readonly #running = new Set<Promise<RunReport>>()
   readonly #shutdown = new AbortController()
   #starting = 0
   #closed = false
 
-  readonly #runner: AgentRunner
+  readonly #driver: AgentDriver
   readonly #now: () => number
   readonly #log: Logger
-  readonly #options: Required<Omit<SessionManagerOptions, 'runner' | 'now' | 'log'>>
+  readonly #options: Required<Omit<SessionManagerOptions, 'driver' | 'now' | 'log'>>
 
   constructor (options: SessionManagerOptions) {
     super()
     // Every start and turn in flight listens on the shutdown signal.
     setMaxListeners(0, this.#shutdown.signal)
-    this.#runner = options.runner
+    this.#driver = options.driver
     this.#now = options.now ?? Date.now
     this.#log = options.log ?? silentLogger
     this.#options = {
@@ -113,9 +128,11 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       sessionTimeoutMs: options.sessionTimeoutMs,
       maxSessionTimeoutMs: options.maxSessionTimeoutMs,
       askTimeoutMs: options.askTimeoutMs,
+      permissionPolicy: options.permissionPolicy ?? 'reject',
       maxHistory: options.maxHistory ?? 100,
       endedMemory: options.endedMemory ?? { maxEntries: 10_000, ttlMs: 60 * 60_000 }
     }
+    this.#driver.onProcessFinished((report) => this.emit('process-finished', report))
   }
 
   get closed (): boolean {
@@ -124,6 +141,10 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
 
   get defaultTimeoutMs (): number {
     return this.#options.sessionTimeoutMs
+  }
+
+  get driver (): AgentDriver {
+    return this.#driver
   }
 
   async create (options: { idleTimeoutMs?: number } = {}): Promise<SessionInfo> {
@@ -140,29 +161,34 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
         { retryAfterSeconds: 30 })
     }
     this.#starting++
-    let chatId: string
+    let conversation: AgentConversation
     try {
-      chatId = await this.#track(this.#runner.createChat({ timeoutMs: this.#options.askTimeoutMs, signal: this.#shutdown.signal }))
+      conversation = await this.#driver.open({ timeoutMs: this.#options.askTimeoutMs, signal: this.#shutdown.signal })
     } finally {
       this.#starting--
     }
-    if (this.#closed) throw shuttingDown()
+    if (this.#closed) {
+      void conversation.close()
+      throw shuttingDown()
+    }
 
     const now = this.#now()
     const session: Session = {
       id: newSessionId(),
-      chatId,
       createdAt: now,
       idleTimeoutMs,
+      ref: conversation.ref,
       state: 'idle',
       lastActivity: now,
+      conversation,
       turn: null,
-      settling: null,
+      cancelRequested: false,
       history: null
     }
     this.#sessions.set(session.id, session)
+    this.#watch(session, conversation)
     const info = toInfo(session)
-    this.#log.info({ sessionId: session.id, chatId, idleTimeoutMs, activeSessions: this.#sessions.size }, 'session started')
+    this.#log.info({ sessionId: session.id, agent: session.ref, pid: conversation.pid, idleTimeoutMs, activeSessions: this.#sessions.size }, 'session started')
     this.emit('session-started', info)
     return info
   }
@@ -182,7 +208,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     return [...(this.#active(sessionId).history ?? [])]
   }
 
-  async ask (sessionId: string, question: string): Promise<{ answer: string, durationMs: number }> {
+  async ask (sessionId: string, question: string, options: { onEvent?: (event: TurnEvent) => void } = {}): Promise<AskResult> {
     const session = this.#active(sessionId)
     if (session.state === 'busy') {
       throw new AgentSessionError('SESSION_BUSY', 'This session is already answering a question: wait for it, then ask again',
@@ -191,25 +217,32 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     const controller = new AbortController()
     session.state = 'busy'
     session.turn = controller
+    session.cancelRequested = false
     session.lastActivity = this.#now()
     const started = performance.now()
+    const onEvent = (event: TurnEvent): void => {
+      options.onEvent?.(event)
+      this.emit('turn-event', { sessionId, event })
+    }
     try {
-      // The previous turn answered but may still be tearing down; never run
-      // two agent processes on one chat.
-      if (session.settling !== null) await session.settling
-      if (controller.signal.aborted) throw controller.signal.reason
-      const run = this.#runner.startTurn({
-        chatId: session.chatId,
-        prompt: question,
+      // The usual case starts the turn without waiting a tick; a dead agent is brought back first.
+      const conversation = session.conversation?.alive === true
+        ? session.conversation
+        : await untilAborted(this.#liveConversation(session, controller.signal), controller.signal)
+      if (session.cancelRequested) {
+        this.emit('turn-finished', { sessionId, outcome: 'cancelled', durationMs: performance.now() - started })
+        return { answer: '', stopReason: 'cancelled', durationMs: Math.round(performance.now() - started) }
+      }
+      const result = await untilAborted(conversation.prompt(question, {
         timeoutMs: this.#options.askTimeoutMs,
-        signal: controller.signal
-      })
-      session.settling = this.#trackFinished(run.finished)
-      const answer = await run.result
+        onEvent,
+        decidePermission: async (request) => this.#decidePermission(sessionId, request, onEvent)
+      }), controller.signal)
       this.#remember(session, 'user', question)
-      this.#remember(session, 'assistant', answer.answer)
-      this.emit('turn-finished', { sessionId, outcome: 'answered', durationMs: performance.now() - started })
-      return answer
+      this.#remember(session, 'assistant', result.answer)
+      const outcome: TurnOutcome = result.stopReason === 'cancelled' ? 'cancelled' : 'answered'
+      this.emit('turn-finished', { sessionId, outcome, durationMs: performance.now() - started })
+      return result
     } catch (err) {
       const code = err instanceof AgentSessionError ? err.code : 'INTERNAL_SERVER_ERROR'
       const outcome: TurnOutcome = code === 'REQUEST_TIMEOUT'
@@ -222,8 +255,19 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
         session.state = 'idle'
         session.turn = null
         session.lastActivity = this.#now()
+        // A dead agent that cannot be brought back ends the session now, not at the next ask.
+        if (session.conversation?.alive === false) void this.#endIfUnresumable(session)
       }
     }
+  }
+
+  /** Cancels the turn in flight; false when the session is not answering anything. */
+  cancel (sessionId: string): boolean {
+    const session = this.#active(sessionId)
+    if (session.state !== 'busy') return false
+    if (session.conversation?.cancel() !== true) session.cancelRequested = true
+    this.#log.info({ sessionId }, 'turn cancelled by the client')
+    return true
   }
 
   /**
@@ -240,15 +284,22 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     session.turn?.abort(reason === 'shutdown'
       ? shuttingDown()
       : sessionNotFound(sessionId, { reason, idleMs }))
+    const conversation = session.conversation
+    session.conversation = null
 
     const teardown = (async (): Promise<EndReport> => {
-      const run = session.settling === null ? null : await session.settling
+      let processes = EXITED
+      try {
+        if (conversation !== null) processes = await conversation.close()
+      } catch (err) {
+        this.#log.error({ err, sessionId }, 'closing the agent conversation failed')
+      }
       const report: EndReport = {
         sessionId,
         reason,
         idleMs,
         ageMs: now - session.createdAt,
-        stage: run?.teardown.stage ?? 'exited',
+        stage: processes.teardown.stage,
         teardownMs: Math.round(this.#now() - now)
       }
       this.#log.info({
@@ -300,7 +351,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     const ending = [...this.#sessions.keys()].map((id) => this.end(id, reason))
     // One failure must not stop the wait for the others.
     const results = await Promise.allSettled([...ending, ...this.#closing.values()])
-    await Promise.all(this.#running)
+    await this.#driver.drain()
     const reports = new Map<string, EndReport>()
     for (const result of results) {
       if (result.status === 'fulfilled') reports.set(result.value.sessionId, result.value)
@@ -318,11 +369,6 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     return this.endAll('shutdown')
   }
 
-  /** The agent's version, or null when its binary does not answer (for health checks). */
-  agentVersion (): Promise<string | null> {
-    return this.#runner.version()
-  }
-
   list (): SessionInfo[] {
     return [...this.#sessions.values()].map(toInfo)
   }
@@ -336,6 +382,67 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
   /** Why a recently ended id is gone, while it is remembered. */
   endedReason (sessionId: string): SessionEndReason | undefined {
     return this.#endedRecord(sessionId)?.reason
+  }
+
+  /** The session's conversation, brought back in a new process when its agent died. */
+  async #liveConversation (session: Session, signal: AbortSignal): Promise<AgentConversation> {
+    const current = session.conversation
+    if (current?.alive === true) return current
+    const info = await this.#driver.info()
+    if (!info.canResume) {
+      await this.#endIfUnresumable(session)
+      throw sessionNotFound(session.id, this.#endedRecord(session.id))
+    }
+    let conversation: AgentConversation
+    try {
+      conversation = await this.#driver.resume(session.ref, { timeoutMs: this.#options.askTimeoutMs, signal })
+    } catch (err) {
+      if (signal.aborted) throw err
+      this.#log.error({ err, sessionId: session.id, agent: session.ref }, 'resuming the agent failed')
+      if (this.#sessions.get(session.id) === session) void this.end(session.id, 'resume_failed')
+      throw new AgentSessionError('RESUME_FAILED',
+        'The agent could not continue this conversation in a new process; the session has ended: start a new one', { cause: err })
+    }
+    if (signal.aborted || this.#sessions.get(session.id) !== session) {
+      void conversation.close()
+      throw signal.reason
+    }
+    session.conversation = conversation
+    this.#watch(session, conversation)
+    this.#log.info({ sessionId: session.id, agent: session.ref, pid: conversation.pid }, 'agent restarted with the conversation')
+    return conversation
+  }
+
+  #watch (session: Session, conversation: AgentConversation): void {
+    conversation.onExit((exit) => {
+      this.#log.warn({ sessionId: session.id, ...exit }, exit.duringTurn ? 'agent exited during a turn' : 'agent exited between turns')
+      this.emit('agent-exited', { sessionId: session.id, ...exit })
+      if (!exit.duringTurn && session.state === 'idle') void this.#endIfUnresumable(session)
+    })
+  }
+
+  /** Ends a session whose agent died when the agent cannot continue it elsewhere. */
+  async #endIfUnresumable (session: Session): Promise<void> {
+    let canResume = false
+    try {
+      canResume = (await this.#driver.info()).canResume
+    } catch {}
+    if (canResume || this.#sessions.get(session.id) !== session || session.state === 'busy') return
+    await this.end(session.id, 'agent_exited')
+  }
+
+  async #decidePermission (sessionId: string, request: PermissionRequest, onEvent: (event: TurnEvent) => void): Promise<PermissionDecision> {
+    onEvent({ type: 'permission', request })
+    const decision = decideByPolicy(this.#options.permissionPolicy, request.options)
+    this.#log.info({ sessionId, requestId: request.requestId, title: request.title, policy: this.#options.permissionPolicy, ...decision },
+      'agent permission request answered by policy')
+    onEvent({
+      type: 'permission_decided',
+      requestId: request.requestId,
+      outcome: decision.outcome,
+      optionId: decision.outcome === 'selected' ? decision.optionId : null
+    })
+    return decision
   }
 
   #active (sessionId: string): Session {
@@ -368,21 +475,28 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     session.history.push({ role, content, timestamp: this.#now() })
     if (session.history.length > this.#options.maxHistory) session.history.shift()
   }
-
-  #track<T> (run: AgentRun<T>): Promise<T> {
-    void this.#trackFinished(run.finished)
-    return run.result
-  }
-
-  #trackFinished (finished: Promise<RunReport>): Promise<RunReport> {
-    this.#running.add(finished)
-    return finished.then((report) => {
-      this.#running.delete(finished)
-      this.emit('process-finished', report)
-      return report
-    })
-  }
 }
+
+/** The promise's outcome, or the signal's reason as soon as it aborts (the work itself is stopped elsewhere). */
+function untilAborted<T> (promise: Promise<T>, signal: AbortSignal): Promise<T> {
+  if (signal.aborted) {
+    promise.catch(() => {})
+    return Promise.reject(signal.reason)
+  }
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = (): void => { reject(signal.reason) }
+    signal.addEventListener('abort', onAbort, { once: true })
+    promise.then((value) => {
+      signal.removeEventListener('abort', onAbort)
+      resolve(value)
+    }, (err: unknown) => {
+      signal.removeEventListener('abort', onAbort)
+      reject(err)
+    })
+  })
+}
+
+export type { StopReason }
 
 /**
  * A random UUID as a flat string. randomUUID() concatenates its result piece by
@@ -396,7 +510,7 @@ export function newSessionId (): string {
 function toInfo (session: Session): SessionInfo {
   return {
     id: session.id,
-    chatId: session.chatId,
+    ref: session.ref,
     state: session.state,
     createdAt: session.createdAt,
     lastActivity: session.lastActivity,
