@@ -38,6 +38,7 @@ export const SETTINGS = [
   { env: 'KILL_GRACE', option: 'killGrace', kind: 'duration', default: '5s', min: 0 },
   { env: 'KILL_SIGNAL', option: 'killSignal', kind: 'signal', default: 'SIGTERM', enum: ['SIGTERM', 'SIGINT', 'SIGHUP', 'SIGQUIT', 'SIGUSR1', 'SIGUSR2'] },
   { env: 'ASK_TIMEOUT', option: 'askTimeout', kind: 'duration', default: '60s', min: 1 },
+  { env: 'START_TIMEOUT', option: 'startTimeout', kind: 'duration', default: '60s', min: 1 },
   { env: 'MAX_SESSIONS', option: 'maxSessions', kind: 'integer', default: '100', min: 1 },
   { env: 'MAX_QUESTION_BYTES', option: 'maxQuestionBytes', kind: 'integer', default: '65536', min: 1 },
   { env: 'MAX_ANSWER_BYTES', option: 'maxAnswerBytes', kind: 'integer', default: '16777216', min: 1024 },
@@ -72,6 +73,8 @@ export interface AgentSessionsConfig {
   killGraceMs: number
   killSignal: NodeJS.Signals
   askTimeoutMs: number
+  /** How long starting an agent may take: create-chat, or spawn + initialize + session/new (or session/load). */
+  startTimeoutMs: number
   maxSessions: number
   maxQuestionBytes: number
   maxAnswerBytes: number
@@ -105,6 +108,7 @@ export interface AgentSessionsSettings {
   killGrace?: string | number
   killSignal?: NodeJS.Signals
   askTimeout?: string | number
+  startTimeout?: string | number
   maxSessions?: number
   maxQuestionBytes?: number
   maxAnswerBytes?: number
@@ -308,6 +312,7 @@ export function resolveConfig (env: Record<string, unknown>): AgentSessionsConfi
     killGraceMs: values.killGrace as number,
     killSignal: values.killSignal as NodeJS.Signals,
     askTimeoutMs: values.askTimeout as number,
+    startTimeoutMs: values.startTimeout as number,
     maxSessions: values.maxSessions as number,
     maxQuestionBytes: values.maxQuestionBytes as number,
     maxAnswerBytes: values.maxAnswerBytes as number,

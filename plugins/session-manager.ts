@@ -64,6 +64,7 @@ async function sessionManagerPlugin (fastify: FastifyInstance, options: SessionM
     sessionTimeoutMs: config.sessionTimeoutMs,
     maxSessionTimeoutMs: config.maxSessionTimeoutMs,
     askTimeoutMs: config.askTimeoutMs,
+    startTimeoutMs: config.startTimeoutMs,
     permissionPolicy: config.permissionPolicy,
     now: options.now,
     log

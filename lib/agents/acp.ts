@@ -42,6 +42,8 @@ const PROBE_TIMEOUT_MS = 30_000
 const CLOSE_REQUEST_MAX_MS = 2000
 // JSON-RPC error code ACP uses for "authentication required".
 const AUTH_REQUIRED = -32000
+// How long a closed connection waits to learn whether the process exited with it.
+const EXIT_AFTER_EOF_MS = 200
 const KNOWN_STOP_REASONS = new Set<string>(['end_turn', 'max_tokens', 'max_turn_requests', 'refusal', 'cancelled'])
 
 export class AcpDriver implements AgentDriver {
@@ -165,7 +167,7 @@ class AgentProcess {
   readonly #options: AcpDriverOptions
   readonly #child: GroupProcess
   readonly #connection: ClientConnection
-  readonly #spawnError: Promise<{ failed?: boolean, exitCode?: number, code?: string }>
+  readonly #spawnFailure: Promise<string | null>
   #init: InitializeResponse | null = null
   #stderrTail = ''
   #running = true
@@ -203,7 +205,11 @@ class AgentProcess {
     this.#child.stderr?.on('data', (chunk: string) => {
       this.#stderrTail = (this.#stderrTail + chunk).slice(-STDERR_TAIL_BYTES)
     })
-    this.#spawnError = completion.then((r) => (r as { failed?: boolean, exitCode?: number, code?: string }))
+    // A spawn failure settles with no exit code and no signal, and an errno code (ENOENT, EACCES).
+    this.#spawnFailure = completion.then((r) => {
+      const result = r as { failed?: boolean, exitCode?: number, signal?: string, code?: string }
+      return result.failed === true && result.exitCode === undefined && result.signal === undefined ? result.code ?? 'unknown' : null
+    })
 
     const log = options.log
     const input = jsonLines(this.#child.stdout!, {
@@ -300,18 +306,28 @@ class AgentProcess {
     if (signal?.aborted === true) throw signal.reason
     let timer: NodeJS.Timeout | undefined
     let onAbort: (() => void) | undefined
+    let pending = true
     const failure = new Promise<never>((_resolve, reject) => {
       timer = setTimeout(() => {
         reject(new AgentSessionError('REQUEST_TIMEOUT', `The agent did not answer ${what} within ${options.timeoutMs}ms`))
       }, options.timeoutMs)
       onAbort = () => { reject(signal?.reason) }
       signal?.addEventListener('abort', onAbort, { once: true })
-      void this.exited.then(async (exit) => { reject(await this.#exitError(exit, what)) })
+      void this.exited.then(async (exit) => {
+        if (pending) reject(await this.#exitError(exit, what))
+      })
     })
+    failure.catch(() => {})
     try {
-      const pending = (this.#connection.agent.request as (m: string, p: unknown) => Promise<unknown>)(method, params)
-      return await Promise.race([pending.catch((err: unknown) => { throw this.#requestError(err, what) }), failure]) as RequestResults[M]
+      const request = (this.#connection.agent.request as (m: string, p: unknown) => Promise<unknown>)(method, params)
+        .catch(async (err: unknown) => {
+          // The connection closes when stdout ends, which can come just before the exit itself.
+          const exit = await Promise.race([this.exited, delay(EXIT_AFTER_EOF_MS)])
+          throw exit !== undefined ? await this.#exitError(exit, what) : this.#requestError(err, what)
+        })
+      return await Promise.race([request, failure]) as RequestResults[M]
     } finally {
+      pending = false
       clearTimeout(timer)
       if (onAbort !== undefined) signal?.removeEventListener('abort', onAbort)
     }
@@ -355,16 +371,19 @@ class AgentProcess {
     try {
       await this.request('authenticate', { methodId }, options, 'authenticate')
     } catch (err) {
-      if (err instanceof AgentSessionError && err.code !== 'PROCESS_COMMUNICATION_FAILED') throw err
+      // A JSON-RPC error answer is a refusal; a timeout or the agent dying stays what it is.
+      const rpcCode = (err as { cause?: { code?: unknown } }).cause?.code
+      if (typeof rpcCode !== 'number') throw err
       throw new AgentSessionError('AGENT_AUTH_FAILED', `The agent refused authentication with method ${methodId} (AGENT_AUTH_METHOD)`, { cause: err })
     }
   }
 
   async #exitError (exit: { code: number | null, signal: NodeJS.Signals | null }, what: string): Promise<AgentSessionError> {
-    const spawn = await Promise.race([this.#spawnError, new Promise<null>((resolve) => setTimeout(() => { resolve(null) }, 50).unref())])
-    if (spawn?.failed === true && spawn.exitCode === undefined) {
-      const why = spawn.code === 'ENOENT' ? 'was not found' : spawn.code === 'EACCES' ? 'is not executable' : 'could not be started'
-      this.#options.log.error({ command: this.#options.command[0], code: spawn.code }, 'the ACP agent could not be spawned')
+    // execa settles right after the exit once the pipes close; a process whose pipes a grandchild holds is not a spawn failure.
+    const spawnFailure = await Promise.race([this.#spawnFailure, new Promise<null>((resolve) => setTimeout(() => { resolve(null) }, 50).unref())])
+    if (spawnFailure !== null) {
+      const why = spawnFailure === 'ENOENT' ? 'was not found' : spawnFailure === 'EACCES' ? 'is not executable' : 'could not be started'
+      this.#options.log.error({ command: this.#options.command[0], code: spawnFailure }, 'the ACP agent could not be spawned')
       return new AgentSessionError('PROCESS_SPAWN_FAILED', `The agent's program ${why}: check AGENT_COMMAND`)
     }
     const how = exit.signal !== null ? `was killed by ${exit.signal}` : `exited with code ${String(exit.code)}`
@@ -582,9 +601,10 @@ class AcpConversation implements AgentConversation {
       const stopReason = KNOWN_STOP_REASONS.has(response.stopReason) ? response.stopReason as StopReason : 'end_turn'
       finish({ stopReason: turn.controller.signal.aborted ? 'cancelled' : stopReason })
     }, async (err: unknown) => {
-      if (!agent.running || !this.#alive) {
-        const exit = await agent.exited
-        const how = exit.signal !== null ? `was killed by ${exit.signal}` : `exited with code ${String(exit.code)}`
+      // The connection closes when stdout ends, which can come just before the exit itself.
+      const exit = await Promise.race([agent.exited, delay(EXIT_AFTER_EOF_MS)])
+      if (exit !== undefined || !this.#alive) {
+        const how = exit === undefined ? 'was stopped' : exit.signal !== null ? `was killed by ${exit.signal}` : `exited with code ${String(exit.code)}`
         finish(new AgentSessionError('AGENT_EXITED', `The agent ${how} during the turn`))
         return
       }
@@ -664,6 +684,10 @@ let requestCounter = 0
 function newRequestId (): string {
   requestCounter++
   return `perm_${Date.now().toString(36)}_${requestCounter}`
+}
+
+function delay (ms: number): Promise<undefined> {
+  return new Promise((resolve) => setTimeout(() => { resolve(undefined) }, ms).unref())
 }
 
 function lastLines (text: string): string {

@@ -54,7 +54,7 @@ export function jsonLines (input: Readable, options: JsonLinesOptions): Readable
           if (newline === -1) break
           if (!dropping) {
             const line = lineOf(pending)
-            if (line !== null) controller.enqueue(Buffer.concat([line, Buffer.from('\n')]))
+            if (line !== null && !ended) controller.enqueue(Buffer.concat([line, Buffer.from('\n')]))
           }
           dropping = false
           pending = []
@@ -77,6 +77,8 @@ export function jsonLines (input: Readable, options: JsonLinesOptions): Readable
       input.once('error', () => { end() })
     },
     cancel () {
+      // The reader is gone (the connection closed): nothing may be enqueued after this.
+      ended = true
       input.destroy()
     }
   })

@@ -73,6 +73,8 @@ export interface SessionManagerOptions {
   sessionTimeoutMs: number
   maxSessionTimeoutMs: number
   askTimeoutMs: number
+  /** How long starting (or bringing back) an agent may take; defaults to askTimeoutMs. */
+  startTimeoutMs?: number
   /** What agents' permission requests are answered with (default reject). */
   permissionPolicy?: PermissionPolicy
   /** Largest conversation log kept per session (oldest entries dropped). */
@@ -128,6 +130,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       sessionTimeoutMs: options.sessionTimeoutMs,
       maxSessionTimeoutMs: options.maxSessionTimeoutMs,
       askTimeoutMs: options.askTimeoutMs,
+      startTimeoutMs: options.startTimeoutMs ?? options.askTimeoutMs,
       permissionPolicy: options.permissionPolicy ?? 'reject',
       maxHistory: options.maxHistory ?? 100,
       endedMemory: options.endedMemory ?? { maxEntries: 10_000, ttlMs: 60 * 60_000 }
@@ -163,7 +166,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     this.#starting++
     let conversation: AgentConversation
     try {
-      conversation = await this.#driver.open({ timeoutMs: this.#options.askTimeoutMs, signal: this.#shutdown.signal })
+      conversation = await this.#driver.open({ timeoutMs: this.#options.startTimeoutMs, signal: this.#shutdown.signal })
     } finally {
       this.#starting--
     }
@@ -395,7 +398,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     }
     let conversation: AgentConversation
     try {
-      conversation = await this.#driver.resume(session.ref, { timeoutMs: this.#options.askTimeoutMs, signal })
+      conversation = await this.#driver.resume(session.ref, { timeoutMs: this.#options.startTimeoutMs, signal })
     } catch (err) {
       if (signal.aborted) throw err
       this.#log.error({ err, sessionId: session.id, agent: session.ref }, 'resuming the agent failed')
