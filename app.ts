@@ -10,6 +10,8 @@ import authPlugin from './plugins/auth.js'
 import rateLimitPlugin from './plugins/rate-limit.js'
 import sessionRoutes from './routes/sessions.js'
 import askRoutes from './routes/ask.js'
+import sessionStreamRoutes from './routes/session-stream.js'
+import ssePlugin from './plugins/sse.js'
 import healthRoutes from './routes/health.js'
 import docsPlugin from './plugins/docs.js'
 import corsPlugin from './plugins/cors.js'
@@ -23,6 +25,7 @@ import './plugins/config.js'
 import './plugins/reaper.js'
 import './plugins/docs.js'
 import './plugins/metrics.js'
+import './plugins/sse.js'
 
 /** Plugin options: every setting of the configuration table in camelCase (they win over the environment), plus agentEnv, driver and now. */
 export interface AgentSessionsOptions extends AgentSessionsSettings, SessionManagerPluginOptions {}
@@ -48,8 +51,11 @@ const agentSessions: FastifyPluginAsync<AgentSessionsOptions> = async (fastify, 
   // Before every route: @fastify/swagger collects routes as they are added.
   await fastify.register(docsPlugin)
   await fastify.register(metricsPlugin)
+  // Before the streaming routes: it wraps the routes that declare `sse`.
+  await fastify.register(ssePlugin)
   await fastify.register(sessionRoutes)
   await fastify.register(askRoutes)
+  await fastify.register(sessionStreamRoutes)
   await fastify.register(healthRoutes)
   await fastify.register(metricsRoutes)
 }

@@ -30,7 +30,7 @@ export const SETTINGS = [
   { env: 'CURSOR_AGENT_BIN', option: 'cursorAgentBin', kind: 'string', default: 'cursor-agent' },
   { env: 'AGENT_COMMAND', option: 'agentCommand', kind: 'command' },
   { env: 'AGENT_AUTH_METHOD', option: 'agentAuthMethod', kind: 'string' },
-  { env: 'PERMISSION_POLICY', option: 'permissionPolicy', kind: 'string', default: 'reject', enum: ['reject', 'allow'] },
+  { env: 'PERMISSION_POLICY', option: 'permissionPolicy', kind: 'string', default: 'reject', enum: ['reject', 'allow', 'ask'] },
   { env: 'PERMISSION_TIMEOUT', option: 'permissionTimeout', kind: 'duration', default: '60s', min: 1 },
   { env: 'SESSION_TIMEOUT', option: 'sessionTimeout', kind: 'duration', default: '10m', min: 1 },
   { env: 'MAX_SESSION_TIMEOUT', option: 'maxSessionTimeout', kind: 'duration', default: '24h', min: 1 },
@@ -39,6 +39,9 @@ export const SETTINGS = [
   { env: 'KILL_SIGNAL', option: 'killSignal', kind: 'signal', default: 'SIGTERM', enum: ['SIGTERM', 'SIGINT', 'SIGHUP', 'SIGQUIT', 'SIGUSR1', 'SIGUSR2'] },
   { env: 'ASK_TIMEOUT', option: 'askTimeout', kind: 'duration', default: '60s', min: 1 },
   { env: 'START_TIMEOUT', option: 'startTimeout', kind: 'duration', default: '60s', min: 1 },
+  { env: 'EXPIRY_WARNING', option: 'expiryWarning', kind: 'duration', default: '60s', min: 0 },
+  { env: 'STREAM_HEARTBEAT', option: 'streamHeartbeat', kind: 'duration', default: '15s', min: 100 },
+  { env: 'STREAM_BUFFER_BYTES', option: 'streamBufferBytes', kind: 'integer', default: '1048576', min: 1024 },
   { env: 'MAX_SESSIONS', option: 'maxSessions', kind: 'integer', default: '100', min: 1 },
   { env: 'MAX_QUESTION_BYTES', option: 'maxQuestionBytes', kind: 'integer', default: '65536', min: 1 },
   { env: 'MAX_ANSWER_BYTES', option: 'maxAnswerBytes', kind: 'integer', default: '16777216', min: 1024 },
@@ -65,8 +68,15 @@ export interface AgentSessionsConfig {
   /** The ACP agent's argv (AGENT_COMMAND split like a shell would, never run by one). */
   agentCommand?: string[]
   agentAuthMethod?: string
-  permissionPolicy: 'reject' | 'allow'
+  /** reject, allow, or ask the client (PERMISSION_TIMEOUT to answer, then reject). */
+  permissionPolicy: 'reject' | 'allow' | 'ask'
   permissionTimeoutMs: number
+  /** How long before a session expires its event-stream subscribers get `expiring`. */
+  expiryWarningMs: number
+  /** How often an idle event stream gets a comment line (so proxies keep it open). */
+  streamHeartbeatMs: number
+  /** Most bytes queued for one slow stream consumer before the stream is cut. */
+  streamBufferBytes: number
   sessionTimeoutMs: number
   maxSessionTimeoutMs: number
   cleanupIntervalMs: number
@@ -100,8 +110,11 @@ export interface AgentSessionsSettings {
   /** The ACP agent's command line, e.g. `npx @zed-industries/codex-acp` (a string, or argv as an array). */
   agentCommand?: string | readonly string[]
   agentAuthMethod?: string
-  permissionPolicy?: 'reject' | 'allow'
+  permissionPolicy?: 'reject' | 'allow' | 'ask'
   permissionTimeout?: string | number
+  expiryWarning?: string | number
+  streamHeartbeat?: string | number
+  streamBufferBytes?: number
   sessionTimeout?: string | number
   maxSessionTimeout?: string | number
   cleanupInterval?: string | number
@@ -304,8 +317,11 @@ export function resolveConfig (env: Record<string, unknown>): AgentSessionsConfi
     cursorAgentBin: (values.cursorAgentBin as string).includes('/') ? resolve(values.cursorAgentBin as string) : values.cursorAgentBin as string,
     agentCommand: values.agentCommand as string[] | undefined,
     agentAuthMethod: values.agentAuthMethod as string | undefined,
-    permissionPolicy: values.permissionPolicy as 'reject' | 'allow',
+    permissionPolicy: values.permissionPolicy as 'reject' | 'allow' | 'ask',
     permissionTimeoutMs: values.permissionTimeout as number,
+    expiryWarningMs: values.expiryWarning as number,
+    streamHeartbeatMs: values.streamHeartbeat as number,
+    streamBufferBytes: values.streamBufferBytes as number,
     sessionTimeoutMs: values.sessionTimeout as number,
     maxSessionTimeoutMs: values.maxSessionTimeout as number,
     cleanupIntervalMs: values.cleanupInterval as number,

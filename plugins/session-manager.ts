@@ -66,6 +66,8 @@ async function sessionManagerPlugin (fastify: FastifyInstance, options: SessionM
     askTimeoutMs: config.askTimeoutMs,
     startTimeoutMs: config.startTimeoutMs,
     permissionPolicy: config.permissionPolicy,
+    permissionTimeoutMs: config.permissionTimeoutMs,
+    expiryWarningMs: config.expiryWarningMs,
     now: options.now,
     log
   }))

@@ -42,6 +42,10 @@ const PROBE_TIMEOUT_MS = 30_000
 const CLOSE_REQUEST_MAX_MS = 2000
 // JSON-RPC error code ACP uses for "authentication required".
 const AUTH_REQUIRED = -32000
+// After session/load answers, replayed history may still trickle in: the
+// first prompt waits until none came for REPLAY_QUIET_MS (at most REPLAY_MAX_WAIT_MS).
+const REPLAY_QUIET_MS = 250
+const REPLAY_MAX_WAIT_MS = 5000
 // How long a closed connection waits to learn whether the process exited with it.
 const EXIT_AFTER_EOF_MS = 200
 const KNOWN_STOP_REASONS = new Set<string>(['end_turn', 'max_tokens', 'max_turn_requests', 'refusal', 'cancelled'])
@@ -176,6 +180,7 @@ class AgentProcess {
   #exitListener: ((exit: { code: number | null, signal: NodeJS.Signals | null }) => void) | null = null
   /** Where session/update notifications of the turn in flight go; null drops them (history replayed by session/load). */
   turn: TurnState | null = null
+  #lastUpdateAt = 0
 
   constructor (options: AcpDriverOptions) {
     this.#options = options
@@ -277,9 +282,11 @@ class AgentProcess {
   async loadSession (sessionId: string, options: OpenOptions): Promise<void> {
     const init = this.#init
     const params = { sessionId, cwd: this.#options.workspaceDir, mcpServers: [] }
-    // The replayed history arrives as session/update before the answer: no turn is set, so it is dropped.
+    // The replayed history arrives as session/update while no turn is set, so it is dropped.
     if (init?.agentCapabilities?.loadSession === true) {
       await this.request('session/load', params, options, 'session/load')
+      // Some agents (gemini-cli) go on replaying after answering: wait for the replay to go quiet.
+      await this.#replayQuiet()
     } else if (init?.agentCapabilities?.sessionCapabilities?.resume != null) {
       await this.request('session/resume', params, options, 'session/resume')
     } else {
@@ -400,7 +407,17 @@ class AgentProcess {
       `The agent refused ${what}${typeof rpc.code === 'number' ? ` (JSON-RPC error ${rpc.code})` : ''}`, { cause: err })
   }
 
+  async #replayQuiet (): Promise<void> {
+    const until = performance.now() + REPLAY_MAX_WAIT_MS
+    while (this.#running && performance.now() < until) {
+      const quietFor = performance.now() - this.#lastUpdateAt
+      if (quietFor >= REPLAY_QUIET_MS) return
+      await delay(REPLAY_QUIET_MS - quietFor)
+    }
+  }
+
   #onUpdate (notification: SessionNotification): void {
+    this.#lastUpdateAt = performance.now()
     // Handlers are synchronous, so updates reach the turn in the order they arrived.
     const turn = this.turn
     if (turn === null) return

@@ -14,14 +14,21 @@ import type {
 import { AgentSessionError, formatDuration, sessionNotFound, shuttingDown, type SessionEndReason } from '../errors.js'
 import { silentLogger, type Logger } from '../logger.js'
 import type { TeardownStage } from '../processes/terminate.js'
-import { decideByPolicy, type PermissionPolicy } from './permissions.js'
+import { SessionEvents, type NumberedEvent, type SessionState, type StreamEvent } from './events.js'
+import { decideByPolicy, PendingPermissions, type PermissionPolicy } from './permissions.js'
 
-export type SessionState = 'idle' | 'busy' | 'closing'
+export type { SessionState }
 
-export interface ConversationEntry {
-  role: 'user' | 'assistant'
-  content: string
-  timestamp: number
+/** One turn of the conversation, as GET /api/session/history shows it. Times are epoch milliseconds. */
+export interface TurnRecord {
+  question: string
+  /** What the agent said (also the part that arrived before a cancel); '' when the turn failed. */
+  answer: string
+  stopReason: StopReason | null
+  /** The error code when the turn failed (AGENT_EXITED, REQUEST_TIMEOUT, ...). */
+  error: string | null
+  startedAt: number
+  endedAt: number
 }
 
 /** A read-only view of a session. Times are epoch milliseconds. */
@@ -77,6 +84,10 @@ export interface SessionManagerOptions {
   startTimeoutMs?: number
   /** What agents' permission requests are answered with (default reject). */
   permissionPolicy?: PermissionPolicy
+  /** How long a person has to answer a permission request (PERMISSION_POLICY=ask). */
+  permissionTimeoutMs?: number
+  /** How long before its expiry a session's subscribers are warned. */
+  expiryWarningMs?: number
   /** Largest conversation log kept per session (oldest entries dropped). */
   maxHistory?: number
   /** How many ended ids, and for how long, are remembered to say why they are gone. */
@@ -98,7 +109,9 @@ interface Session {
   turn: AbortController | null
   /** A cancel that came before the turn reached the agent (while its agent was being brought back). */
   cancelRequested: boolean
-  history: ConversationEntry[] | null
+  history: TurnRecord[] | null
+  /** Warns the session's subscribers before the reaper would end it; set only while someone listens. */
+  expiryTimer: NodeJS.Timeout | null
 }
 
 interface EndedRecord { reason: SessionEndReason, idleMs: number, endedAt: number }
@@ -110,6 +123,8 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
   readonly #ended = new Map<string, EndedRecord>()
   readonly #closing = new Map<string, Promise<EndReport>>()
   readonly #shutdown = new AbortController()
+  readonly #events = new SessionEvents()
+  readonly #permissions: PendingPermissions
   #starting = 0
   #closed = false
 
@@ -132,9 +147,12 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       askTimeoutMs: options.askTimeoutMs,
       startTimeoutMs: options.startTimeoutMs ?? options.askTimeoutMs,
       permissionPolicy: options.permissionPolicy ?? 'reject',
+      permissionTimeoutMs: options.permissionTimeoutMs ?? 60_000,
+      expiryWarningMs: options.expiryWarningMs ?? 60_000,
       maxHistory: options.maxHistory ?? 100,
       endedMemory: options.endedMemory ?? { maxEntries: 10_000, ttlMs: 60 * 60_000 }
     }
+    this.#permissions = new PendingPermissions(this.#options.permissionTimeoutMs)
     this.#driver.onProcessFinished((report) => this.emit('process-finished', report))
   }
 
@@ -186,7 +204,8 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       conversation,
       turn: null,
       cancelRequested: false,
-      history: null
+      history: null,
+      expiryTimer: null
     }
     this.#sessions.set(session.id, session)
     this.#watch(session, conversation)
@@ -204,60 +223,103 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
   touch (sessionId: string): SessionInfo {
     const session = this.#active(sessionId)
     session.lastActivity = this.#now()
+    this.#scheduleExpiryWarning(session)
     return toInfo(session)
   }
 
-  history (sessionId: string): ConversationEntry[] {
-    return [...(this.#active(sessionId).history ?? [])]
+  /** The session's answered, cancelled and failed turns, oldest first (a copy). */
+  history (sessionId: string): TurnRecord[] {
+    return (this.#active(sessionId).history ?? []).map((turn) => ({ ...turn }))
   }
 
-  async ask (sessionId: string, question: string, options: { onEvent?: (event: TurnEvent) => void } = {}): Promise<AskResult> {
+  /**
+   * Follows the session's stream: its current state and waiting permission
+   * requests first (no id), then what was missed after `lastEventId`, then
+   * everything as it happens. Subscribing is not activity.
+   */
+  subscribe (sessionId: string, listener: (event: NumberedEvent | { id: null, event: StreamEvent }) => void, lastEventId?: number): () => void {
+    const session = this.#active(sessionId)
+    const { missed, unsubscribe } = this.#events.subscribe(sessionId, listener, lastEventId)
+    listener({ id: null, event: { type: 'state', state: session.state } })
+    for (const request of this.#permissions.waiting(sessionId)) listener({ id: null, event: { type: 'turn', event: { type: 'permission', request } } })
+    for (const event of missed) listener(event)
+    this.#scheduleExpiryWarning(session)
+    return () => {
+      unsubscribe()
+      if (!this.#events.hasSubscribers(sessionId)) this.#clearExpiryWarning(session)
+    }
+  }
+
+  /** A person's answer to a permission request (PERMISSION_POLICY=ask). */
+  answerPermission (sessionId: string, requestId: string, optionId: string): void {
+    this.#active(sessionId)
+    this.#permissions.answer(sessionId, requestId, optionId)
+  }
+
+  /**
+   * One turn. `onAccepted` runs once the session took the question (it exists
+   * and was not busy), before the agent runs; `onEvent` gets every event of
+   * the turn as it arrives.
+   */
+  async ask (sessionId: string, question: string, options: { onEvent?: (event: TurnEvent) => void, onAccepted?: () => void } = {}): Promise<AskResult> {
     const session = this.#active(sessionId)
     if (session.state === 'busy') {
       throw new AgentSessionError('SESSION_BUSY', 'This session is already answering a question: wait for it, then ask again',
         { retryAfterSeconds: 1 })
     }
     const controller = new AbortController()
-    session.state = 'busy'
+    this.#setState(session, 'busy')
     session.turn = controller
     session.cancelRequested = false
-    session.lastActivity = this.#now()
+    const startedAt = this.#now()
+    session.lastActivity = startedAt
+    options.onAccepted?.()
     const started = performance.now()
     const onEvent = (event: TurnEvent): void => {
       options.onEvent?.(event)
+      this.#events.publish(sessionId, { type: 'turn', event })
       this.emit('turn-event', { sessionId, event })
+    }
+    const record = (answer: string, stopReason: StopReason | null, error: string | null): void => {
+      this.#remember(session, { question, answer, stopReason, error, startedAt, endedAt: this.#now() })
     }
     try {
       // The usual case starts the turn without waiting a tick; a dead agent is brought back first.
       const conversation = session.conversation?.alive === true
         ? session.conversation
         : await untilAborted(this.#liveConversation(session, controller.signal), controller.signal)
+      let result: AskResult
       if (session.cancelRequested) {
-        this.emit('turn-finished', { sessionId, outcome: 'cancelled', durationMs: performance.now() - started })
-        return { answer: '', stopReason: 'cancelled', durationMs: Math.round(performance.now() - started) }
+        result = { answer: '', stopReason: 'cancelled', durationMs: Math.round(performance.now() - started) }
+      } else {
+        result = await untilAborted(conversation.prompt(question, {
+          timeoutMs: this.#options.askTimeoutMs,
+          onEvent,
+          decidePermission: async (request, signal) => await this.#decidePermission(sessionId, request, signal, onEvent)
+        }), controller.signal)
       }
-      const result = await untilAborted(conversation.prompt(question, {
-        timeoutMs: this.#options.askTimeoutMs,
-        onEvent,
-        decidePermission: async (request) => this.#decidePermission(sessionId, request, onEvent)
-      }), controller.signal)
-      this.#remember(session, 'user', question)
-      this.#remember(session, 'assistant', result.answer)
+      record(result.answer, result.stopReason, null)
+      this.#events.publish(sessionId, { type: 'answer', answer: result.answer, stopReason: result.stopReason })
       const outcome: TurnOutcome = result.stopReason === 'cancelled' ? 'cancelled' : 'answered'
       this.emit('turn-finished', { sessionId, outcome, durationMs: performance.now() - started })
       return result
     } catch (err) {
-      const code = err instanceof AgentSessionError ? err.code : 'INTERNAL_SERVER_ERROR'
+      const apiError = err instanceof AgentSessionError ? err : undefined
+      const code = apiError?.code ?? 'INTERNAL_SERVER_ERROR'
       const outcome: TurnOutcome = code === 'REQUEST_TIMEOUT'
         ? 'timeout'
         : controller.signal.aborted ? 'cancelled' : 'failed'
+      record('', null, code)
+      this.#events.publish(sessionId, { type: 'error', error: code, details: apiError?.message ?? 'Internal server error' })
       this.emit('turn-finished', { sessionId, outcome, durationMs: performance.now() - started, code })
       throw err
     } finally {
-      if (session.state === 'busy') {
-        session.state = 'idle'
+      // An end during the turn has moved it on to closing: then it stays so.
+      if ((session.state as SessionState) === 'busy') {
         session.turn = null
         session.lastActivity = this.#now()
+        this.#setState(session, 'idle')
+        this.#scheduleExpiryWarning(session)
         // A dead agent that cannot be brought back ends the session now, not at the next ask.
         if (session.conversation?.alive === false) void this.#endIfUnresumable(session)
       }
@@ -282,7 +344,10 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     const now = this.#now()
     const idleMs = session.state === 'busy' ? 0 : now - session.lastActivity
     this.#sessions.delete(sessionId)
-    session.state = 'closing'
+    this.#setState(session, 'closing')
+    this.#clearExpiryWarning(session)
+    this.#events.publish(sessionId, { type: 'ended', reason })
+    this.#events.close(sessionId)
     this.#rememberEnded(sessionId, { reason, idleMs, endedAt: now })
     session.turn?.abort(reason === 'shutdown'
       ? shuttingDown()
@@ -434,18 +499,48 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     await this.end(session.id, 'agent_exited')
   }
 
-  async #decidePermission (sessionId: string, request: PermissionRequest, onEvent: (event: TurnEvent) => void): Promise<PermissionDecision> {
+  async #decidePermission (sessionId: string, request: PermissionRequest, signal: AbortSignal, onEvent: (event: TurnEvent) => void): Promise<PermissionDecision> {
+    const policy = this.#options.permissionPolicy
     onEvent({ type: 'permission', request })
-    const decision = decideByPolicy(this.#options.permissionPolicy, request.options)
-    this.#log.info({ sessionId, requestId: request.requestId, title: request.title, policy: this.#options.permissionPolicy, ...decision },
-      'agent permission request answered by policy')
-    onEvent({
-      type: 'permission_decided',
-      requestId: request.requestId,
-      outcome: decision.outcome,
-      optionId: decision.outcome === 'selected' ? decision.optionId : null
-    })
-    return decision
+    const decided = policy === 'ask'
+      ? await this.#permissions.wait(sessionId, request, signal)
+      : { decision: decideByPolicy(policy, request.options), outcome: decideByPolicy(policy, request.options).outcome }
+    const optionId = decided.decision.outcome === 'selected' ? decided.decision.optionId : null
+    this.#log.info({ sessionId, requestId: request.requestId, title: request.title, policy, outcome: decided.outcome, optionId },
+      'agent permission request decided')
+    onEvent({ type: 'permission_decided', requestId: request.requestId, outcome: decided.outcome, optionId })
+    return decided.decision
+  }
+
+  #setState (session: Session, state: SessionState): void {
+    if (session.state === state) return
+    session.state = state
+    this.#events.publish(session.id, { type: 'state', state })
+  }
+
+  /** Arms the warning EXPIRY_WARNING before the reaper would end the session, while someone listens. */
+  #scheduleExpiryWarning (session: Session): void {
+    this.#clearExpiryWarning(session)
+    if (session.state !== 'idle' || !this.#events.hasSubscribers(session.id)) return
+    const expiresAt = session.lastActivity + session.idleTimeoutMs
+    const delayMs = Math.max(0, expiresAt - this.#options.expiryWarningMs - this.#now())
+    session.expiryTimer = setTimeout(() => {
+      session.expiryTimer = null
+      if (session.state !== 'idle' || this.#sessions.get(session.id) !== session) return
+      const expiresAtNow = session.lastActivity + session.idleTimeoutMs
+      this.#events.publish(session.id, {
+        type: 'expiring',
+        expiresAt: expiresAtNow,
+        secondsLeft: Math.max(0, Math.round((expiresAtNow - this.#now()) / 1000))
+      })
+    }, delayMs)
+    session.expiryTimer.unref()
+  }
+
+  #clearExpiryWarning (session: Session): void {
+    if (session.expiryTimer === null) return
+    clearTimeout(session.expiryTimer)
+    session.expiryTimer = null
   }
 
   #active (sessionId: string): Session {
@@ -473,9 +568,9 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     }
   }
 
-  #remember (session: Session, role: ConversationEntry['role'], content: string): void {
+  #remember (session: Session, turn: TurnRecord): void {
     session.history ??= []
-    session.history.push({ role, content, timestamp: this.#now() })
+    session.history.push(turn)
     if (session.history.length > this.#options.maxHistory) session.history.shift()
   }
 }
