@@ -3,6 +3,7 @@
 
 import type { FastifyInstance, FastifyPluginAsync } from 'fastify'
 import configPlugin from './plugins/config.js'
+import statePlugin from './plugins/state.js'
 import sessionManagerPlugin, { type SessionManagerPluginOptions } from './plugins/session-manager.js'
 import reaperPlugin from './plugins/reaper.js'
 import httpPlugin from './plugins/http.js'
@@ -22,6 +23,7 @@ import type { AgentSessionsSettings } from './lib/config.js'
 // Side-effect imports survive into app.d.ts, so the plugins' `declare module
 // 'fastify'` blocks (the decorator types) reach an embedder's TypeScript.
 import './plugins/config.js'
+import './plugins/state.js'
 import './plugins/reaper.js'
 import './plugins/docs.js'
 import './plugins/metrics.js'
@@ -35,10 +37,12 @@ export interface AgentSessionsOptions extends AgentSessionsSettings, SessionMana
  * them only where it registers the app without encapsulation (see the README).
  */
 export type AgentSessionsDecorators = Pick<FastifyInstance,
-  'agentSessions' | 'agentSessionsConfig' | 'agentSessionsEnv' | 'agentSessionsReaper' | 'agentSessionsMetrics' | 'agentSessionsOpenapi'>
+  'agentSessions' | 'agentSessionsConfig' | 'agentSessionsEnv' | 'agentSessionsReaper' | 'agentSessionsMetrics' | 'agentSessionsOpenapi' | 'agentSessionsState'>
 
 const agentSessions: FastifyPluginAsync<AgentSessionsOptions> = async (fastify, options) => {
   await fastify.register(configPlugin, options)
+  // Before the manager and its drivers: the state directory's lock, the process record and the store.
+  await fastify.register(statePlugin)
   await fastify.register(sessionManagerPlugin, options)
   await fastify.register(reaperPlugin)
   await fastify.register(httpPlugin, { bodyLimit: fastify.agentSessionsConfig.bodyLimit })

@@ -10,6 +10,7 @@ import envSchema from 'env-schema'
 import agentSessions from './app.js'
 import { sendError, toAgentSessionError } from './plugins/http.js'
 import { killTrackedGroupsNow } from './lib/processes/terminate.js'
+import { defaultStateDir, StateDirError } from './lib/state-dir.js'
 import { ConfigError, describeEnvError, envJsonSchema, exposureError, resolveConfig, type AgentSessionsConfig } from './lib/config.js'
 
 const REQUEST_ID = /^[\w.:-]{1,128}$/
@@ -55,7 +56,17 @@ const fastify = Fastify({
   }
 })
 
-await fastify.register(agentSessions)
+// The standalone server keeps its sessions across restarts unless told not to (STATE_DIR=off).
+const stateDir = process.env.STATE_DIR === undefined || process.env.STATE_DIR.trim() === '' ? defaultStateDir(config.port) : undefined
+try {
+  await fastify.register(agentSessions, stateDir === undefined ? {} : { stateDir })
+  await fastify.ready()
+} catch (err) {
+  if (!(err instanceof StateDirError)) throw err
+  fastify.log.error({ err }, err.message)
+  console.error(err.message)
+  process.exit(1)
+}
 
 closeWithGrace({
   // Long enough for every session's teardown ladder (which runs in parallel).

@@ -131,6 +131,7 @@ export function idleDriver (): AgentDriver {
   })
   return {
     protocol: 'cursor',
+    keepsProcesses: false,
     open: async () => conversation(flatUUID()),
     resume: async (ref) => conversation(ref.protocol === 'cursor' ? ref.chatId : ref.sessionId),
     info: async () => ({ protocol: 'cursor', name: 'bench-idle-driver', version: 'bench', available: true, canResume: true }),

@@ -4,6 +4,7 @@
 
 import { statSync } from 'node:fs'
 import { isIPv4, isIPv6 } from 'node:net'
+import { totalmem } from 'node:os'
 import { resolve } from 'node:path'
 import { parse as parseShellWords, quote as quoteShellWords } from 'shell-quote'
 
@@ -17,6 +18,9 @@ interface Setting {
   min?: number
   max?: number
   enum?: readonly string[]
+  /** A regular expression the value must match (strings only), and what it takes, for the error message. */
+  pattern?: string
+  hint?: string
   /** Read by the standalone server only; not a plugin option (an embedder's host owns these). */
   serverOnly?: boolean
 }
@@ -39,6 +43,9 @@ export const SETTINGS = [
   { env: 'KILL_SIGNAL', option: 'killSignal', kind: 'signal', default: 'SIGTERM', enum: ['SIGTERM', 'SIGINT', 'SIGHUP', 'SIGQUIT', 'SIGUSR1', 'SIGUSR2'] },
   { env: 'ASK_TIMEOUT', option: 'askTimeout', kind: 'duration', default: '60s', min: 1 },
   { env: 'START_TIMEOUT', option: 'startTimeout', kind: 'duration', default: '60s', min: 1 },
+  { env: 'AGENT_IDLE_TIMEOUT', option: 'agentIdleTimeout', kind: 'duration', default: '5m', min: 0 },
+  { env: 'MAX_LIVE_AGENTS', option: 'maxLiveAgents', kind: 'string', default: 'auto', pattern: '^\\s*(auto|[1-9]\\d{0,6})\\s*$', hint: 'auto or a whole number of at least 1' },
+  { env: 'STATE_DIR', option: 'stateDir', kind: 'string' },
   { env: 'EXPIRY_WARNING', option: 'expiryWarning', kind: 'duration', default: '60s', min: 0 },
   { env: 'STREAM_HEARTBEAT', option: 'streamHeartbeat', kind: 'duration', default: '15s', min: 100 },
   { env: 'STREAM_BUFFER_BYTES', option: 'streamBufferBytes', kind: 'integer', default: '1048576', min: 1024 },
@@ -71,6 +78,12 @@ export interface AgentSessionsConfig {
   /** reject, allow, or ask the client (PERMISSION_TIMEOUT to answer, then reject). */
   permissionPolicy: 'reject' | 'allow' | 'ask'
   permissionTimeoutMs: number
+  /** A live agent whose last turn ended this long ago is stopped (the session hibernates); 0 never. */
+  agentIdleTimeoutMs: number
+  /** Most live agent processes at once (from the machine's memory unless set). */
+  maxLiveAgents: number
+  /** Where sessions and agent process records outlive the process; undefined: off. */
+  stateDir?: string
   /** How long before a session expires its event-stream subscribers get `expiring`. */
   expiryWarningMs: number
   /** How often an idle event stream gets a comment line (so proxies keep it open). */
@@ -112,6 +125,11 @@ export interface AgentSessionsSettings {
   agentAuthMethod?: string
   permissionPolicy?: 'reject' | 'allow' | 'ask'
   permissionTimeout?: string | number
+  agentIdleTimeout?: string | number
+  /** A number, or 'auto' (half the machine's memory at 256 MB per agent). */
+  maxLiveAgents?: number | 'auto'
+  /** A directory, or 'off'. The plugin keeps no state unless this is set; the standalone server defaults to one per port. */
+  stateDir?: string
   expiryWarning?: string | number
   streamHeartbeat?: string | number
   streamBufferBytes?: number
@@ -161,6 +179,7 @@ function schemaFor (setting: Setting): Record<string, unknown> {
   if (setting.kind === 'integer') base.pattern = '^\\s*\\d+\\s*$'
   if (setting.kind === 'boolean') base.pattern = '^\\s*(?:[Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|1|0|[Yy][Ee][Ss]|[Nn][Oo])\\s*$'
   if (setting.kind === 'duration') base.pattern = DURATION.source
+  if (setting.pattern !== undefined) base.pattern = setting.pattern
   return base
 }
 
@@ -217,7 +236,7 @@ export function describeEnvError (err: unknown, values: Record<string, unknown> 
   const name = first?.instancePath?.replace(/^\//, '')
   const setting = name === undefined ? undefined : (SETTINGS as readonly Setting[]).find((s) => s.env === name)
   if (setting === undefined) return new ConfigError(`Invalid configuration: ${(err as Error).message}`)
-  const expected = setting.enum !== undefined ? `one of ${setting.enum.join(', ')}` : HINT[setting.kind]
+  const expected = setting.enum !== undefined ? `one of ${setting.enum.join(', ')}` : setting.hint ?? HINT[setting.kind]
   return invalid(setting, expected, values[setting.env])
 }
 
@@ -319,6 +338,9 @@ export function resolveConfig (env: Record<string, unknown>): AgentSessionsConfi
     agentAuthMethod: values.agentAuthMethod as string | undefined,
     permissionPolicy: values.permissionPolicy as 'reject' | 'allow' | 'ask',
     permissionTimeoutMs: values.permissionTimeout as number,
+    agentIdleTimeoutMs: values.agentIdleTimeout as number,
+    maxLiveAgents: values.maxLiveAgents === 'auto' ? defaultMaxLiveAgents() : Number(values.maxLiveAgents),
+    stateDir: values.stateDir === undefined || values.stateDir === 'off' ? undefined : resolve(values.stateDir as string),
     expiryWarningMs: values.expiryWarning as number,
     streamHeartbeatMs: values.streamHeartbeat as number,
     streamBufferBytes: values.streamBufferBytes as number,
@@ -349,6 +371,14 @@ export function resolveConfig (env: Record<string, unknown>): AgentSessionsConfi
     throw new ConfigError('Invalid configuration: SESSION_TIMEOUT must not exceed MAX_SESSION_TIMEOUT')
   }
   return config
+}
+
+/** What an idle live agent is assumed to cost when MAX_LIVE_AGENTS is not set (agents measured here: 60-300 MB). */
+export const ASSUMED_AGENT_BYTES = 256 * 1024 * 1024
+
+/** MAX_LIVE_AGENTS=auto: half the machine's memory, at ASSUMED_AGENT_BYTES per live agent, at least one. */
+export function defaultMaxLiveAgents (): number {
+  return Math.max(1, Math.floor(totalmem() / 2 / ASSUMED_AGENT_BYTES))
 }
 
 /** 127.0.0.0/8, ::1 (also as an IPv4-mapped address) and localhost: reachable from this machine only. */

@@ -61,6 +61,44 @@ async function metricsPlugin (fastify: FastifyInstance): Promise<void> {
     registers: [register],
     collect () { this.set(groupsRssBytes(manager.driver.livePids())) }
   })
+  new Gauge({
+    name: 'agent_sessions_hibernated',
+    help: 'Sessions whose agent is stopped until their next ask (they still count toward MAX_SESSIONS)',
+    registers: [register],
+    collect () { this.set(manager.agentCounts().hibernated) }
+  })
+  const hibernations = new Counter({
+    name: 'agent_hibernations_total',
+    help: 'Live agents stopped with their conversation kept, by why: idle (AGENT_IDLE_TIMEOUT), capacity (MAX_LIVE_AGENTS), shutdown (a restart with a store)',
+    labelNames: ['why'] as const,
+    registers: [register]
+  })
+  const resumes = new Counter({
+    name: 'agent_resumes_total',
+    help: 'Agents brought back with their conversation (hibernated or died), by outcome: ok, failed',
+    labelNames: ['outcome'] as const,
+    registers: [register]
+  })
+  const resumeDuration = new Histogram({
+    name: 'agent_resume_duration_seconds',
+    help: 'Time to bring an agent back with its conversation (spawn, initialize, session/load)',
+    buckets: [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60],
+    registers: [register]
+  })
+  const orphans = new Counter({
+    name: 'agent_orphans_reaped_total',
+    help: 'Agent process groups an earlier run of the service left running, torn down at start-up',
+    registers: [register]
+  })
+  new Gauge({
+    name: 'agent_store_ok',
+    help: '1 while the session store writes (and reads) without errors, 0 while it fails; absent without a store',
+    registers: [register],
+    collect () {
+      const store = fastify.agentSessionsState.store
+      if (store !== undefined) this.set(store.health().ok ? 1 : 0)
+    }
+  })
   const agentExits = new Counter({
     name: 'agent_exits_total',
     help: 'Live agents that died without being asked to, by when: during_turn or between_turns',
@@ -102,6 +140,8 @@ async function metricsPlugin (fastify: FastifyInstance): Promise<void> {
   for (const outcome of TURN_OUTCOMES) turns.labels(outcome).inc(0)
   for (const stage of Object.values(STAGE_LABEL)) teardowns.labels(stage).inc(0)
   for (const when of ['during_turn', 'between_turns']) agentExits.labels(when).inc(0)
+  for (const why of ['idle', 'capacity', 'shutdown']) hibernations.labels(why).inc(0)
+  for (const outcome of ['ok', 'failed']) resumes.labels(outcome).inc(0)
 
   // No listener is removed on close: the manager and the registry belong to
   // this instance and go together, and sessions ended by the shutdown drain
@@ -112,6 +152,13 @@ async function metricsPlugin (fastify: FastifyInstance): Promise<void> {
     turns.labels(outcome).inc()
     turnDuration.observe(durationMs / 1000)
   })
+  manager.on('session-hibernated', ({ why }) => { hibernations.labels(why).inc() })
+  manager.on('session-resumed', ({ ok, durationMs }) => {
+    resumes.labels(ok ? 'ok' : 'failed').inc()
+    if (ok) resumeDuration.observe(durationMs / 1000)
+  })
+  // After the state plugin's onReady: the orphan sweep has run.
+  fastify.addHook('onReady', async () => { orphans.inc(fastify.agentSessionsState.orphans.reaped.length) })
   manager.on('agent-exited', ({ duringTurn }) => { agentExits.labels(duringTurn ? 'during_turn' : 'between_turns').inc() })
   manager.on('process-finished', (report: ProcessReport) => { teardowns.labels(STAGE_LABEL[report.teardown.stage]).inc() })
 
@@ -121,5 +168,5 @@ async function metricsPlugin (fastify: FastifyInstance): Promise<void> {
 export default fp(metricsPlugin, {
   name: 'agent-sessions-metrics',
   fastify: '5.x',
-  dependencies: ['agent-sessions-manager']
+  dependencies: ['agent-sessions-manager', 'agent-sessions-state']
 })

@@ -10,6 +10,7 @@ import type { AgentDriver } from '../lib/agents/types.js'
 import { SERVICE_ENV_NAMES, type AgentSessionsConfig } from '../lib/config.js'
 import type { Logger } from '../lib/logger.js'
 import { agentEnvironment } from '../lib/processes/environment.js'
+import type { GroupRecorder } from '../lib/processes/records.js'
 import { SessionManager } from '../lib/sessions/manager.js'
 
 declare module 'fastify' {
@@ -27,7 +28,7 @@ export interface SessionManagerPluginOptions {
   now?: () => number
 }
 
-function driverFor (config: AgentSessionsConfig, env: Record<string, string | undefined>, log: Logger): AgentDriver {
+function driverFor (config: AgentSessionsConfig, env: Record<string, string | undefined>, log: Logger, recorder?: GroupRecorder): AgentDriver {
   if (config.agentProtocol === 'acp') {
     return new AcpDriver({
       command: config.agentCommand ?? [],
@@ -37,7 +38,8 @@ function driverFor (config: AgentSessionsConfig, env: Record<string, string | un
       killGraceMs: config.killGraceMs,
       authMethod: config.agentAuthMethod,
       maxMessageBytes: config.maxAnswerBytes,
-      log
+      log,
+      recorder
     })
   }
   return new CursorPrintDriver({
@@ -50,14 +52,26 @@ function driverFor (config: AgentSessionsConfig, env: Record<string, string | un
     force: config.agentForce,
     trust: config.agentTrust,
     maxOutputBytes: config.maxAnswerBytes,
-    log
+    log,
+    recorder
   })
 }
 
 async function sessionManagerPlugin (fastify: FastifyInstance, options: SessionManagerPluginOptions): Promise<void> {
   const config = fastify.agentSessionsConfig
   const log = fastify.log.child({ component: 'agent-sessions' })
-  const driver = options.driver ?? driverFor(config, agentEnvironment(process.env, SERVICE_ENV_NAMES, options.agentEnv), log)
+  const state = fastify.agentSessionsState
+  const driver = options.driver ?? driverFor(config, agentEnvironment(process.env, SERVICE_ENV_NAMES, options.agentEnv), log, state.recorder)
+  if (driver.keepsProcesses && config.agentIdleTimeoutMs > 0) {
+    // Said once: an agent that cannot load a session keeps every idle agent alive until its session ends.
+    fastify.addHook('onReady', async () => {
+      void driver.info().then((info) => {
+        if (info.available && !info.canResume) {
+          log.warn({ agent: info.name }, 'the agent cannot continue a conversation in a new process (no loadSession): idle agents are never hibernated, AGENT_IDLE_TIMEOUT has no effect')
+        }
+      }, () => {})
+    })
+  }
   fastify.decorate('agentSessions', new SessionManager({
     driver,
     maxSessions: config.maxSessions,
@@ -68,6 +82,10 @@ async function sessionManagerPlugin (fastify: FastifyInstance, options: SessionM
     permissionPolicy: config.permissionPolicy,
     permissionTimeoutMs: config.permissionTimeoutMs,
     expiryWarningMs: config.expiryWarningMs,
+    agentIdleTimeoutMs: config.agentIdleTimeoutMs,
+    maxLiveAgents: config.maxLiveAgents,
+    store: state.store,
+    workspaceDir: config.workspaceDir,
     now: options.now,
     log
   }))
@@ -76,5 +94,5 @@ async function sessionManagerPlugin (fastify: FastifyInstance, options: SessionM
 export default fp(sessionManagerPlugin, {
   name: 'agent-sessions-manager',
   fastify: '5.x',
-  dependencies: ['agent-sessions-config']
+  dependencies: ['agent-sessions-config', 'agent-sessions-state']
 })

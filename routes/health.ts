@@ -23,6 +23,7 @@ const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
           uptime_seconds: Type.Number(),
           active_sessions: Type.Integer(),
           busy_sessions: Type.Integer(),
+          hibernated_sessions: Type.Integer({ description: 'Sessions whose agent is stopped until their next ask' }),
           memory_usage_mb: Type.Number(),
           agent: Type.Object({
             protocol: Type.String({ description: 'cursor or acp (AGENT_PROTOCOL)' }),
@@ -33,6 +34,11 @@ const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
             can_resume: Type.Boolean({ description: 'Whether a conversation can continue in a new agent process' }),
             live_processes: Type.Integer({ description: 'Live agent process groups now' }),
             live_rss_mb: Type.Number({ description: 'Resident memory of the live agent processes' })
+          }),
+          store: Type.Object({
+            enabled: Type.Boolean({ description: 'Whether sessions outlive restarts (STATE_DIR)' }),
+            ok: Type.Boolean(),
+            last_error: Type.Union([Type.String(), Type.Null()])
           }),
           reaper: Type.Object({
             running: Type.Boolean(),
@@ -49,13 +55,16 @@ const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     const counts = manager.counts()
     const reaper = fastify.agentSessionsReaper.stats()
     const agent = await manager.driver.info()
+    const storeHealth = fastify.agentSessionsState.store?.health()
     const livePids = manager.driver.livePids()
     return {
-      status: manager.closed ? 'shutting_down' : agent.available ? 'ok' : 'degraded',
+      status: manager.closed ? 'shutting_down' : agent.available && storeHealth?.ok !== false ? 'ok' : 'degraded',
       version: packageInfo.version,
       uptime_seconds: Math.floor((performance.now() - startedAt) / 1000),
       active_sessions: counts.active,
       busy_sessions: counts.busy,
+      hibernated_sessions: manager.agentCounts().hibernated,
+      store: { enabled: storeHealth !== undefined, ok: storeHealth?.ok ?? true, last_error: storeHealth?.lastError ?? null },
       memory_usage_mb: Math.round(process.memoryUsage().rss / 1024 / 1024 * 10) / 10,
       agent: {
         protocol: agent.protocol,

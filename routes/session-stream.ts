@@ -42,11 +42,13 @@ const sessionStreamRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     let ended = false
     // Throws 404 before anything is sent when the session is unknown or gone.
     const unsubscribe = manager.subscribe(sessionId, (numbered) => {
-      writer.push(sessionMessage(numbered, sessionId))
-      if (numbered.event.type === 'ended') {
-        ended = true
+      // null: nothing more will come (the session ended, or the server stops and the session hibernates).
+      if (numbered === null) {
         void writer.end()
+        return
       }
+      writer.push(sessionMessage(numbered, sessionId))
+      if (numbered.event.type === 'ended') ended = true
     }, lastEventId)
     request.log.debug({ sessionId, lastEventId }, 'session stream opened')
     reply.sse.sendHeaders()

@@ -256,6 +256,7 @@ function floodDriver (chunks: number, size: number): AgentDriver {
   }
   return {
     protocol: 'cursor',
+    keepsProcesses: false,
     open: async () => conversation,
     resume: async () => conversation,
     info: async () => ({ protocol: 'cursor', name: 'flood', version: '1', available: true, canResume: true }),

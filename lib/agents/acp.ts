@@ -11,8 +11,9 @@ import { client, ndJsonStream, RequestError, type ClientConnection, type Session
 import { AgentSessionError } from '../errors.js'
 import type { Logger } from '../logger.js'
 import { packageInfo } from '../package-info.js'
-import { spawnGroup, type GroupProcess } from '../processes/spawn.js'
-import { terminateProcessGroup, untrackGroup, type TeardownReport } from '../processes/terminate.js'
+import type { GroupRecorder } from '../processes/records.js'
+import { releaseGroup, spawnGroup, type GroupProcess } from '../processes/spawn.js'
+import { terminateProcessGroup, type TeardownReport } from '../processes/terminate.js'
 import { jsonLines } from './json-lines.js'
 import type {
   AgentConversation, AgentDriver, AgentExit, AgentInfo, ConversationRef, OpenOptions, PermissionDecision, PermissionRequest,
@@ -32,6 +33,8 @@ export interface AcpDriverOptions {
   /** Largest JSON-RPC line and largest answer a turn may produce. */
   maxMessageBytes: number
   log: Logger
+  /** Where agent process groups are recorded while they live. */
+  recorder?: GroupRecorder
 }
 
 const STDERR_TAIL_BYTES = 16 * 1024
@@ -52,6 +55,7 @@ const KNOWN_STOP_REASONS = new Set<string>(['end_turn', 'max_tokens', 'max_turn_
 
 export class AcpDriver implements AgentDriver {
   readonly protocol = 'acp' as const
+  readonly keepsProcesses = true
   readonly #options: AcpDriverOptions
   readonly #processes = new Set<AgentProcess>()
   readonly #finishedListeners: Array<(report: ProcessReport) => void> = []
@@ -185,7 +189,7 @@ class AgentProcess {
   constructor (options: AcpDriverOptions) {
     this.#options = options
     const [bin, ...args] = options.command
-    this.#child = spawnGroup(bin, args, { cwd: options.workspaceDir, env: options.env })
+    this.#child = spawnGroup(bin, args, { cwd: options.workspaceDir, env: options.env, recorder: options.recorder })
     this.pid = this.#child.pid ?? -1
     this.finished = new Promise((resolve) => { this.#resolveFinished = resolve })
     // Never left unawaited: execa settles once the process exited and its pipes closed.
@@ -364,7 +368,7 @@ class AgentProcess {
       } finally {
         this.#child.stdout?.destroy()
         this.#child.stderr?.destroy()
-        if (this.pid > 0) untrackGroup(this.pid)
+        if (this.pid > 0) releaseGroup(this.pid, this.#options.recorder)
       }
       this.#options.log.debug({ pid: this.pid, why, stage: report.stage, teardownMs: report.durationMs }, 'agent process group torn down')
       await this.#child.then(() => {}, () => {})

@@ -4,8 +4,9 @@
 // path (answer, failure, timeout, abort), so nothing it started survives.
 
 import { AgentSessionError, type ErrorCode } from '../errors.js'
-import { terminateProcessGroup, untrackGroup, type TeardownReport } from '../processes/terminate.js'
-import { spawnGroup } from '../processes/spawn.js'
+import type { GroupRecorder } from '../processes/records.js'
+import { releaseGroup, spawnGroup } from '../processes/spawn.js'
+import { terminateProcessGroup, type TeardownReport } from '../processes/terminate.js'
 import type { Logger } from '../logger.js'
 import type {
   AgentConversation, AgentDriver, AgentInfo, ConversationRef, OpenOptions, ProcessReport, PromptOptions, TurnEvent, TurnResult
@@ -24,6 +25,8 @@ export interface CursorAgentOptions {
   /** Largest stdout a turn may produce before it is torn down. */
   maxOutputBytes: number
   log: Logger
+  /** Where agent process groups are recorded while they live. */
+  recorder?: GroupRecorder
 }
 
 const STDERR_TAIL_BYTES = 64 * 1024
@@ -57,6 +60,7 @@ const INFO_TTL_MS = 30_000
 
 export class CursorPrintDriver implements AgentDriver {
   readonly protocol = 'cursor' as const
+  readonly keepsProcesses = false
   readonly #options: CursorAgentOptions
   // A turn still alive this long after its result is hanging (known
   // cursor-agent bug); capped so the turn is gone within KILL_GRACE of it.
@@ -195,7 +199,7 @@ export class CursorPrintDriver implements AgentDriver {
       return { result, finished: Promise.resolve({ pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } }), stop: () => {}, pid: null }
     }
 
-    const subprocess = spawnGroup(o.bin, spec.args, { cwd: o.workspaceDir, env: o.env, input: spec.input })
+    const subprocess = spawnGroup(o.bin, spec.args, { cwd: o.workspaceDir, env: o.env, input: spec.input, recorder: o.recorder })
     const pid = subprocess.pid ?? null
     // execa resolves once the process exited AND its pipes closed; never left unawaited.
     const completion = subprocess.then((r) => r, (err: unknown) => err)
@@ -322,7 +326,7 @@ export class CursorPrintDriver implements AgentDriver {
 
     const finished = Promise.all([tornDown, completion]).then(([report]) => {
       spec.signal?.removeEventListener('abort', onAbort)
-      if (pid !== null) untrackGroup(pid)
+      if (pid !== null) releaseGroup(pid, o.recorder)
       if (resultAt !== null) {
         log.debug({ pid, stage: report.stage, afterResultMs: Math.round(performance.now() - resultAt) }, 'agent turn finished')
       }

@@ -118,6 +118,8 @@ export interface AgentInfo {
 /** One agent protocol: opens conversations and brings them back. */
 export interface AgentDriver {
   readonly protocol: AgentProtocol
+  /** Whether a conversation keeps a live process between turns (what hibernation and MAX_LIVE_AGENTS are about). */
+  readonly keepsProcesses: boolean
   open (options: OpenOptions): Promise<AgentConversation>
   /** Continues a conversation in a new process (ACP session/load; cursor --resume). */
   resume (ref: ConversationRef, options: OpenOptions): Promise<AgentConversation>

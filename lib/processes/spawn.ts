@@ -3,7 +3,8 @@
 // given, recorded in the process-wide registry until its group is gone.
 
 import { execa, type ResultPromise } from 'execa'
-import { trackGroup } from './terminate.js'
+import { identify, type GroupRecorder } from './records.js'
+import { trackGroup, untrackGroup } from './terminate.js'
 
 export interface SpawnGroupOptions {
   cwd: string
@@ -11,13 +12,15 @@ export interface SpawnGroupOptions {
   env: Record<string, string | undefined>
   /** Written to stdin, which is then closed; omit to keep stdin open as a pipe. */
   input?: string
+  /** Where the group is recorded while it lives (the durable record the orphan sweep reads). */
+  recorder?: GroupRecorder
 }
 
 export type GroupProcess = ResultPromise<{ detached: true, buffer: false, encoding: 'utf8', reject: false }>
 
 /**
  * Spawns `bin` as a group leader. The caller owns the teardown: it must call
- * terminateProcessGroup(pid) and untrackGroup(pid) once done, and await the
+ * terminateProcessGroup(pid) and releaseGroup(pid) once done, and await the
  * returned process (it never rejects).
  */
 export function spawnGroup (bin: string, args: readonly string[], options: SpawnGroupOptions): GroupProcess {
@@ -36,6 +39,16 @@ export function spawnGroup (bin: string, args: readonly string[], options: Spawn
     reject: false,
     encoding: 'utf8'
   }) as GroupProcess
-  if (subprocess.pid !== undefined) trackGroup(subprocess.pid)
+  if (subprocess.pid !== undefined) {
+    trackGroup(subprocess.pid)
+    const identity = options.recorder === undefined ? null : identify(subprocess.pid)
+    if (identity !== null) options.recorder?.added(identity)
+  }
   return subprocess
+}
+
+/** Forgets a group whose teardown is done: nothing of it runs any more. */
+export function releaseGroup (pid: number, recorder?: GroupRecorder): void {
+  untrackGroup(pid)
+  recorder?.removed(pid)
 }

@@ -182,7 +182,7 @@ const SCAN_REUSE_MS = 10
 let lastScan: { at: number, groups: Set<number> } | null = null
 
 /** The pgids that have at least one non-zombie member, or null without /proc. */
-function liveGroupsFromProc (): Set<number> | null {
+export function liveGroupsFromProc (): Set<number> | null {
   if (!procAvailable()) return null
   const now = performance.now()
   if (lastScan !== null && now - lastScan.at < SCAN_REUSE_MS) return lastScan.groups

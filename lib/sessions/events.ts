@@ -23,7 +23,8 @@ export interface NumberedEvent {
   event: StreamEvent
 }
 
-export type Subscriber = (event: NumberedEvent) => void
+/** Gets every event, then null once the channel closed (the session ended or the server stopped). */
+export type Subscriber = (event: NumberedEvent | null) => void
 
 export interface EventBufferLimits {
   /** Events kept for replay per session. */
@@ -74,8 +75,11 @@ export class SessionEvents {
     for (const subscriber of [...channel.subscribers]) subscriber(numbered)
   }
 
-  /** Forgets the session: after its `ended` event, nothing more can be sent. */
+  /** Forgets the session (after its `ended` event, or when the server stops): subscribers get null, nothing more follows. */
   close (sessionId: string): void {
+    const channel = this.#channels.get(sessionId)
+    if (channel === undefined) return
     this.#channels.delete(sessionId)
+    for (const subscriber of [...channel.subscribers]) subscriber(null)
   }
 }

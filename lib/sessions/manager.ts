@@ -16,6 +16,7 @@ import { silentLogger, type Logger } from '../logger.js'
 import type { TeardownStage } from '../processes/terminate.js'
 import { SessionEvents, type NumberedEvent, type SessionState, type StreamEvent } from './events.js'
 import { decideByPolicy, PendingPermissions, type PermissionPolicy } from './permissions.js'
+import type { SessionStore, StoredEnded, StoredSession } from './store.js'
 
 export type { SessionState }
 
@@ -72,7 +73,14 @@ export interface SessionManagerEvents {
   /** A live agent died without being asked to. */
   'agent-exited': [{ sessionId: string } & AgentExit]
   'process-finished': [ProcessReport]
+  /** A session's live agent was stopped; the next ask brings it back with the conversation. */
+  'session-hibernated': [{ sessionId: string, why: HibernateReason }]
+  /** A hibernated session's agent was brought back (or could not be). */
+  'session-resumed': [{ sessionId: string, ok: boolean, durationMs: number }]
 }
+
+/** Why a live agent was stopped: idle past AGENT_IDLE_TIMEOUT, to make room under MAX_LIVE_AGENTS, or the server stopping with a store. */
+export type HibernateReason = 'idle' | 'capacity' | 'shutdown'
 
 export interface SessionManagerOptions {
   driver: AgentDriver
@@ -92,6 +100,16 @@ export interface SessionManagerOptions {
   maxHistory?: number
   /** How many ended ids, and for how long, are remembered to say why they are gone. */
   endedMemory?: { maxEntries: number, ttlMs: number }
+  /** A live agent whose last turn ended this long ago is stopped (hibernated); 0 never. */
+  agentIdleTimeoutMs?: number
+  /** Most live agent processes at once; to make room the least recently used idle one hibernates. */
+  maxLiveAgents?: number
+  /** How long a start or resume waits for a live agent to free up when every one is busy. */
+  liveAgentWaitMs?: number
+  /** Where sessions are kept across restarts; without one, a shutdown ends them. */
+  store?: SessionStore
+  /** The working directory agents run in (kept with each stored session). */
+  workspaceDir?: string
   now?: () => number
   log?: Logger
 }
@@ -103,6 +121,10 @@ interface Session {
   readonly ref: ConversationRef
   state: SessionState
   lastActivity: number
+  /** When its last turn ended (its start before the first): the clock AGENT_IDLE_TIMEOUT runs on. */
+  lastTurnEndedAt: number
+  /** The live agent being stopped (hibernation): a resume waits for it to be gone first. */
+  suspending: Promise<unknown> | null
   /** null once it is gone for good; a dead one (not alive) is resumed by the next ask. */
   conversation: AgentConversation | null
   /** Aborts the ask in flight (end, shutdown); set only while busy. */
@@ -125,13 +147,18 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
   readonly #shutdown = new AbortController()
   readonly #events = new SessionEvents()
   readonly #permissions: PendingPermissions
+  readonly #store: SessionStore | null
+  // Wakes starts and resumes waiting for a live agent slot.
+  readonly #slotFreed = new EventEmitter()
   #starting = 0
+  // Live agents being started or brought back: each will hold a slot under MAX_LIVE_AGENTS.
+  #pendingLive = 0
   #closed = false
 
   readonly #driver: AgentDriver
   readonly #now: () => number
   readonly #log: Logger
-  readonly #options: Required<Omit<SessionManagerOptions, 'driver' | 'now' | 'log'>>
+  readonly #options: Required<Omit<SessionManagerOptions, 'driver' | 'now' | 'log' | 'store'>>
 
   constructor (options: SessionManagerOptions) {
     super()
@@ -150,8 +177,18 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       permissionTimeoutMs: options.permissionTimeoutMs ?? 60_000,
       expiryWarningMs: options.expiryWarningMs ?? 60_000,
       maxHistory: options.maxHistory ?? 100,
-      endedMemory: options.endedMemory ?? { maxEntries: 10_000, ttlMs: 60 * 60_000 }
+      endedMemory: options.endedMemory ?? { maxEntries: 10_000, ttlMs: 60 * 60_000 },
+      agentIdleTimeoutMs: options.agentIdleTimeoutMs ?? 0,
+      maxLiveAgents: options.maxLiveAgents ?? Infinity,
+      liveAgentWaitMs: options.liveAgentWaitMs ?? 5000,
+      workspaceDir: options.workspaceDir ?? ''
     }
+    this.#slotFreed.setMaxListeners(0)
+    this.#store = options.store ?? null
+    this.#store?.attach({
+      sessions: () => [...this.#sessions.values()].map((session) => this.#stored(session)),
+      ended: () => [...this.#ended].map(([id, record]) => ({ id, ...record }))
+    })
     this.#permissions = new PendingPermissions(this.#options.permissionTimeoutMs)
     this.#driver.onProcessFinished((report) => this.emit('process-finished', report))
   }
@@ -184,7 +221,8 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     this.#starting++
     let conversation: AgentConversation
     try {
-      conversation = await this.#driver.open({ timeoutMs: this.#options.startTimeoutMs, signal: this.#shutdown.signal })
+      conversation = await this.#withLiveSlot(this.#shutdown.signal,
+        async () => await this.#driver.open({ timeoutMs: this.#options.startTimeoutMs, signal: this.#shutdown.signal }))
     } finally {
       this.#starting--
     }
@@ -201,6 +239,8 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       ref: conversation.ref,
       state: 'idle',
       lastActivity: now,
+      lastTurnEndedAt: now,
+      suspending: null,
       conversation,
       turn: null,
       cancelRequested: false,
@@ -209,6 +249,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     }
     this.#sessions.set(session.id, session)
     this.#watch(session, conversation)
+    this.#store?.saved(this.#stored(session))
     const info = toInfo(session)
     this.#log.info({ sessionId: session.id, agent: session.ref, pid: conversation.pid, idleTimeoutMs, activeSessions: this.#sessions.size }, 'session started')
     this.emit('session-started', info)
@@ -223,6 +264,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
   touch (sessionId: string): SessionInfo {
     const session = this.#active(sessionId)
     session.lastActivity = this.#now()
+    this.#store?.touched(this.#stored(session))
     this.#scheduleExpiryWarning(session)
     return toInfo(session)
   }
@@ -237,7 +279,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
    * requests first (no id), then what was missed after `lastEventId`, then
    * everything as it happens. Subscribing is not activity.
    */
-  subscribe (sessionId: string, listener: (event: NumberedEvent | { id: null, event: StreamEvent }) => void, lastEventId?: number): () => void {
+  subscribe (sessionId: string, listener: (event: NumberedEvent | { id: null, event: StreamEvent } | null) => void, lastEventId?: number): () => void {
     const session = this.#active(sessionId)
     const { missed, unsubscribe } = this.#events.subscribe(sessionId, listener, lastEventId)
     listener({ id: null, event: { type: 'state', state: session.state } })
@@ -268,6 +310,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
         { retryAfterSeconds: 1 })
     }
     const controller = new AbortController()
+    const wasHibernated = session.state === 'hibernated'
     this.#setState(session, 'busy')
     session.turn = controller
     session.cancelRequested = false
@@ -284,10 +327,10 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       this.#remember(session, { question, answer, stopReason, error, startedAt, endedAt: this.#now() })
     }
     try {
-      // The usual case starts the turn without waiting a tick; a dead agent is brought back first.
+      // The usual case starts the turn without waiting a tick; a hibernated or dead agent is brought back first.
       const conversation = session.conversation?.alive === true
         ? session.conversation
-        : await untilAborted(this.#liveConversation(session, controller.signal), controller.signal)
+        : await untilAborted(this.#liveConversation(session, controller.signal, wasHibernated), controller.signal)
       let result: AskResult
       if (session.cancelRequested) {
         result = { answer: '', stopReason: 'cancelled', durationMs: Math.round(performance.now() - started) }
@@ -312,13 +355,18 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       record('', null, code)
       this.#events.publish(sessionId, { type: 'error', error: code, details: apiError?.message ?? 'Internal server error' })
       this.emit('turn-finished', { sessionId, outcome, durationMs: performance.now() - started, code })
+      // Never a blank conversation instead of the one that could not come back.
+      if (code === 'RESUME_FAILED' && this.#sessions.get(sessionId) === session) void this.end(sessionId, 'resume_failed')
       throw err
     } finally {
       // An end during the turn has moved it on to closing: then it stays so.
       if ((session.state as SessionState) === 'busy') {
         session.turn = null
         session.lastActivity = this.#now()
-        this.#setState(session, 'idle')
+        session.lastTurnEndedAt = session.lastActivity
+        this.#store?.touched(this.#stored(session))
+        this.#setState(session, session.conversation === null ? 'hibernated' : 'idle')
+        this.#slotFreed.emit('freed')
         this.#scheduleExpiryWarning(session)
         // A dead agent that cannot be brought back ends the session now, not at the next ask.
         if (session.conversation?.alive === false) void this.#endIfUnresumable(session)
@@ -349,6 +397,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     this.#events.publish(sessionId, { type: 'ended', reason })
     this.#events.close(sessionId)
     this.#rememberEnded(sessionId, { reason, idleMs, endedAt: now })
+    this.#store?.ended({ id: sessionId, reason, idleMs, endedAt: now })
     session.turn?.abort(reason === 'shutdown'
       ? shuttingDown()
       : sessionNotFound(sessionId, { reason, idleMs }))
@@ -362,6 +411,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       } catch (err) {
         this.#log.error({ err, sessionId }, 'closing the agent conversation failed')
       }
+      this.#slotFreed.emit('freed')
       const report: EndReport = {
         sessionId,
         reason,
@@ -394,12 +444,18 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     const now = this.#now()
     const ending: Array<Promise<EndReport>> = []
     let checked = 0
+    const hibernating: Array<Promise<void>> = []
+    const idleAgentMs = this.#options.agentIdleTimeoutMs
     for (const session of this.#sessions.values()) {
       checked++
-      if (session.state === 'idle' && now - session.lastActivity >= session.idleTimeoutMs) {
+      if (session.state !== 'idle' && session.state !== 'hibernated') continue
+      if (now - session.lastActivity >= session.idleTimeoutMs) {
         ending.push(this.end(session.id, 'expired'))
+      } else if (idleAgentMs > 0 && session.state === 'idle' && now - session.lastTurnEndedAt >= idleAgentMs) {
+        hibernating.push(this.#hibernate(session, 'idle'))
       }
     }
+    if (hibernating.length > 0) await Promise.allSettled(hibernating)
     const results = await Promise.allSettled(ending)
     const reaped: EndReport[] = []
     let failed = 0
@@ -428,17 +484,72 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     return [...reports.values()]
   }
 
-  /** Refuses new work, cancels everything in flight and ends every session. */
-  shutdown (): Promise<EndReport[]> {
+  /**
+   * Refuses new work and cancels everything in flight. With a store, every
+   * session hibernates (its agent stopped without ending the conversation) and
+   * is written out for the next start; without one, every session ends.
+   */
+  async shutdown (): Promise<EndReport[]> {
     if (!this.#closed) {
       this.#closed = true
       this.#shutdown.abort(shuttingDown())
     }
-    return this.endAll('shutdown')
+    if (this.#store === null) return await this.endAll('shutdown')
+    await Promise.allSettled([...this.#sessions.values()].map(async (session) => await this.#hibernate(session, 'shutdown')))
+    await Promise.allSettled(this.#closing.values())
+    await this.#driver.drain()
+    for (const id of this.#sessions.keys()) this.#events.close(id)
+    await this.#store.close()
+    return []
+  }
+
+  /** Brings back what the store kept from an earlier run: every session hibernated, the ended ids with their reasons. */
+  async restore (): Promise<{ sessions: number, ended: number }> {
+    if (this.#store === null) return { sessions: 0, ended: 0 }
+    const snapshot = await this.#store.load()
+    for (const ended of snapshot.ended.sort((a, b) => a.endedAt - b.endedAt)) {
+      this.#ended.set(ended.id, { reason: ended.reason, idleMs: ended.idleMs, endedAt: ended.endedAt })
+    }
+    for (const stored of snapshot.sessions) {
+      if (this.#sessions.has(stored.id) || this.#ended.has(stored.id)) continue
+      this.#sessions.set(stored.id, {
+        id: stored.id,
+        createdAt: stored.createdAt,
+        idleTimeoutMs: stored.idleTimeoutMs,
+        ref: stored.ref,
+        state: 'hibernated',
+        lastActivity: stored.lastActivity,
+        lastTurnEndedAt: stored.lastTurnEndedAt,
+        suspending: null,
+        conversation: null,
+        turn: null,
+        cancelRequested: false,
+        history: null,
+        expiryTimer: null
+      })
+    }
+    this.#log.info({ sessions: snapshot.sessions.length, ended: snapshot.ended.length }, 'sessions restored from the store')
+    return { sessions: snapshot.sessions.length, ended: snapshot.ended.length }
+  }
+
+  /** Stops idle live agents now (AGENT_IDLE_TIMEOUT's work, on demand). */
+  async hibernate (sessionId: string): Promise<void> {
+    await this.#hibernate(this.#active(sessionId), 'idle')
   }
 
   list (): SessionInfo[] {
     return [...this.#sessions.values()].map(toInfo)
+  }
+
+  /** Sessions with a live agent process, and sessions whose agent is stopped until their next ask. */
+  agentCounts (): { live: number, hibernated: number } {
+    let live = 0
+    let hibernated = 0
+    for (const session of this.#sessions.values()) {
+      if (session.state === 'hibernated') hibernated++
+      else if (session.conversation?.pid != null) live++
+    }
+    return { live, hibernated }
   }
 
   counts (): { active: number, busy: number, starting: number, closing: number } {
@@ -452,22 +563,29 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     return this.#endedRecord(sessionId)?.reason
   }
 
-  /** The session's conversation, brought back in a new process when its agent died. */
-  async #liveConversation (session: Session, signal: AbortSignal): Promise<AgentConversation> {
+  /** The session's conversation, brought back in a new process when it was hibernated or its agent died. */
+  async #liveConversation (session: Session, signal: AbortSignal, wasHibernated: boolean): Promise<AgentConversation> {
     const current = session.conversation
     if (current?.alive === true) return current
+    // A hibernation still stopping the old process finishes first: never two agents on one conversation.
+    if (session.suspending !== null) await session.suspending
     const info = await this.#driver.info()
     if (!info.canResume) {
       await this.#endIfUnresumable(session)
       throw sessionNotFound(session.id, this.#endedRecord(session.id))
     }
+    const started = performance.now()
     let conversation: AgentConversation
     try {
-      conversation = await this.#driver.resume(session.ref, { timeoutMs: this.#options.startTimeoutMs, signal })
+      conversation = await this.#withLiveSlot(signal,
+        async () => await this.#driver.resume(session.ref, { timeoutMs: this.#options.startTimeoutMs, signal }))
     } catch (err) {
       if (signal.aborted) throw err
+      // A full house is not the conversation's fault: the session stays, the client retries.
+      if (err instanceof AgentSessionError && err.code === 'LIVE_AGENT_LIMIT_REACHED') throw err
       this.#log.error({ err, sessionId: session.id, agent: session.ref }, 'resuming the agent failed')
-      if (this.#sessions.get(session.id) === session) void this.end(session.id, 'resume_failed')
+      this.emit('session-resumed', { sessionId: session.id, ok: false, durationMs: performance.now() - started })
+      // The ask ends the session once it has answered with this error (an end now would answer it 404 instead).
       throw new AgentSessionError('RESUME_FAILED',
         'The agent could not continue this conversation in a new process; the session has ended: start a new one', { cause: err })
     }
@@ -477,8 +595,91 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     }
     session.conversation = conversation
     this.#watch(session, conversation)
-    this.#log.info({ sessionId: session.id, agent: session.ref, pid: conversation.pid }, 'agent restarted with the conversation')
+    const durationMs = performance.now() - started
+    this.emit('session-resumed', { sessionId: session.id, ok: true, durationMs })
+    this.#log.info({ sessionId: session.id, agent: session.ref, pid: conversation.pid, resumeMs: Math.round(durationMs), hibernated: wasHibernated },
+      wasHibernated ? 'session resumed' : 'agent restarted with the conversation')
     return conversation
+  }
+
+  /** Stops a session's live agent but keeps the conversation (never session/close: it would forfeit session/load). */
+  async #hibernate (session: Session, why: HibernateReason): Promise<void> {
+    if (why !== 'shutdown' && (session.state !== 'idle' || session.conversation === null)) return
+    if (why === 'shutdown' && (session.state === 'closing' || session.state === 'hibernated')) return
+    const conversation = session.conversation
+    // An agent that cannot continue a conversation in a new process is never stopped early.
+    if (why !== 'shutdown' && (!this.#driver.keepsProcesses || !(await this.#driver.info()).canResume)) return
+    if (why !== 'shutdown' && (session.state !== 'idle' || session.conversation !== conversation)) return
+    if (session.state === 'busy') {
+      // Shutting down with a store: the ask is answered 503 and its turn cancelled.
+      session.turn?.abort(shuttingDown())
+      conversation?.cancel()
+    }
+    session.conversation = null
+    this.#clearExpiryWarning(session)
+    this.#setState(session, 'hibernated')
+    const idleMs = this.#now() - session.lastTurnEndedAt
+    const stopping = conversation === null ? Promise.resolve(EXITED) : conversation.suspend()
+    session.suspending = stopping
+    let report = EXITED
+    try {
+      report = await stopping
+    } catch (err) {
+      this.#log.error({ err, sessionId: session.id }, 'stopping the agent failed')
+    } finally {
+      if (session.suspending === stopping) session.suspending = null
+    }
+    this.#log.info({ sessionId: session.id, why, idleMs, processes: report.teardown.stage }, 'session hibernated')
+    this.emit('session-hibernated', { sessionId: session.id, why })
+    this.#slotFreed.emit('freed')
+  }
+
+  /**
+   * Under MAX_LIVE_AGENTS, makes room for one more live agent: the least
+   * recently used idle one hibernates; when every live agent is busy, waits a
+   * little for one to be free, then answers 503.
+   */
+  async #withLiveSlot (signal: AbortSignal, start: () => Promise<AgentConversation>): Promise<AgentConversation> {
+    if (!this.#driver.keepsProcesses) return await start()
+    await this.#makeRoomForLiveAgent(signal)
+    this.#pendingLive++
+    try {
+      return await start()
+    } finally {
+      this.#pendingLive--
+    }
+  }
+
+  async #makeRoomForLiveAgent (signal: AbortSignal): Promise<void> {
+    if (this.#options.maxLiveAgents === Infinity) return
+    const deadline = performance.now() + this.#options.liveAgentWaitMs
+    for (;;) {
+      // Agents being started or brought back hold a slot each.
+      if (this.agentCounts().live + this.#pendingLive < this.#options.maxLiveAgents) return
+      let oldest: Session | null = null
+      for (const session of this.#sessions.values()) {
+        if (session.state !== 'idle' || session.conversation?.pid == null) continue
+        if (oldest === null || session.lastTurnEndedAt < oldest.lastTurnEndedAt) oldest = session
+      }
+      if (oldest !== null && (await this.#driver.info()).canResume) {
+        await this.#hibernate(oldest, 'capacity')
+        continue
+      }
+      const left = deadline - performance.now()
+      if (left <= 0 || signal.aborted) {
+        throw new AgentSessionError('LIVE_AGENT_LIMIT_REACHED',
+          `All ${this.#options.maxLiveAgents} live agents (MAX_LIVE_AGENTS) are answering questions: try again shortly`,
+          { retryAfterSeconds: 5 })
+      }
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(done, left)
+        function done (): void {
+          clearTimeout(timer)
+          resolve()
+        }
+        this.#slotFreed.once('freed', done)
+      })
+    }
   }
 
   #watch (session: Session, conversation: AgentConversation): void {
@@ -510,6 +711,18 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       'agent permission request decided')
     onEvent({ type: 'permission_decided', requestId: request.requestId, outcome: decided.outcome, optionId })
     return decided.decision
+  }
+
+  #stored (session: Session): StoredSession {
+    return {
+      id: session.id,
+      ref: session.ref,
+      workspaceDir: this.#options.workspaceDir,
+      createdAt: session.createdAt,
+      lastActivity: session.lastActivity,
+      lastTurnEndedAt: session.lastTurnEndedAt,
+      idleTimeoutMs: session.idleTimeoutMs
+    }
   }
 
   #setState (session: Session, state: SessionState): void {

@@ -21,6 +21,7 @@ export interface FakeTurn {
 
 export class FakeDriver implements AgentDriver {
   readonly protocol = 'cursor' as const
+  keepsProcesses = false
   opened = 0
   readonly turns: FakeTurn[] = []
   /** When true, a turn's teardown waits for finish() even after an abort. */

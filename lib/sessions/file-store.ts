@@ -1,0 +1,155 @@
+// The embedded store: one JSON file in STATE_DIR, replaced atomically (write
+// to a temporary file, fsync, rename), so a crash leaves the old state or the
+// new one, never half of either. Writes are batched: activity times go out at
+// most once a second, creations and ends at once.
+
+import { readFileSync, renameSync } from 'node:fs'
+import writeFileAtomic from 'write-file-atomic'
+import type { Logger } from '../logger.js'
+import type { SessionStore, StoreHealth, StoreSnapshot, StoreSource, StoredEnded, StoredSession } from './store.js'
+
+/** The format this version writes. Older ones are migrated on load; newer ones are moved aside. */
+export const STATE_FORMAT_VERSION = 1
+
+export interface FileStoreOptions {
+  file: string
+  log: Logger
+  /** Longest a change of activity times waits before it is written. */
+  batchMs?: number
+}
+
+const DEFAULT_BATCH_MS = 1000
+
+export class FileStore implements SessionStore {
+  readonly #file: string
+  readonly #log: Logger
+  readonly #batchMs: number
+  #source: StoreSource | null = null
+  #dirty = false
+  #timer: NodeJS.Timeout | null = null
+  #writing: Promise<void> | null = null
+  #lastError: string | null = null
+  #closed = false
+
+  constructor (options: FileStoreOptions) {
+    this.#file = options.file
+    this.#log = options.log
+    this.#batchMs = options.batchMs ?? DEFAULT_BATCH_MS
+  }
+
+  async load (): Promise<StoreSnapshot> {
+    let text: string
+    try {
+      text = readFileSync(this.#file, 'utf8')
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { sessions: [], ended: [] }
+      throw err
+    }
+    try {
+      return parseState(text)
+    } catch (err) {
+      // Never a reason not to start: keep the damaged file for a person to look at, and begin empty.
+      const aside = `${this.#file}.unreadable-${Date.now()}`
+      renameSync(this.#file, aside)
+      this.#log.warn({ err, file: this.#file, movedTo: aside }, 'session store unreadable: moved aside, starting with no stored sessions')
+      return { sessions: [], ended: [] }
+    }
+  }
+
+  attach (source: StoreSource): void {
+    this.#source = source
+  }
+
+  saved (): void {
+    this.#dirty = true
+    this.#writeSoon()
+  }
+
+  touched (): void {
+    this.#dirty = true
+    this.#timer ??= setTimeout(() => {
+      this.#timer = null
+      this.#writeSoon()
+    }, this.#batchMs)
+    this.#timer.unref()
+  }
+
+  ended (): void {
+    this.saved()
+  }
+
+  async flush (): Promise<void> {
+    if (this.#timer !== null) {
+      clearTimeout(this.#timer)
+      this.#timer = null
+    }
+    if (this.#dirty) this.#writeSoon()
+    while (this.#writing !== null) await this.#writing
+  }
+
+  async close (): Promise<void> {
+    await this.flush()
+    this.#closed = true
+  }
+
+  health (): StoreHealth {
+    return { kind: 'file', ok: this.#lastError === null, lastError: this.#lastError }
+  }
+
+  #writeSoon (): void {
+    if (this.#closed) return
+    // One write at a time; what changes meanwhile goes out in the next one.
+    this.#writing ??= this.#write()
+  }
+
+  async #write (): Promise<void> {
+    try {
+      while (this.#dirty && this.#source !== null) {
+        this.#dirty = false
+        const text = JSON.stringify({
+          version: STATE_FORMAT_VERSION,
+          savedAt: Date.now(),
+          sessions: [...this.#source.sessions()],
+          ended: [...this.#source.ended()]
+        })
+        try {
+          await writeFileAtomic(this.#file, text, { mode: 0o600 })
+          if (this.#lastError !== null) this.#log.info({ file: this.#file }, 'session store writes again')
+          this.#lastError = null
+        } catch (err) {
+          // A full or read-only disk must not take the service down: keep serving, retry with the next change.
+          if (this.#lastError === null) this.#log.error({ err, file: this.#file }, 'writing the session store failed')
+          this.#lastError = (err as Error).message
+          this.#dirty = true
+          await new Promise((resolve) => setTimeout(resolve, this.#batchMs).unref())
+          if (this.#closed) return
+        }
+      }
+    } finally {
+      this.#writing = null
+    }
+  }
+}
+
+/** Reads a state file of this version or an older one; throws for anything else. */
+export function parseState (text: string): StoreSnapshot {
+  const parsed = JSON.parse(text) as Record<string, unknown>
+  if (typeof parsed !== 'object' || parsed === null) throw new Error('not a JSON object')
+  const version = parsed.version
+  if (version !== STATE_FORMAT_VERSION) {
+    throw new Error(typeof version === 'number' && version > STATE_FORMAT_VERSION
+      ? `written by a newer version (format ${version}; this one reads up to ${STATE_FORMAT_VERSION})`
+      : `unknown format version ${JSON.stringify(version)}`)
+  }
+  if (!Array.isArray(parsed.sessions) || !Array.isArray(parsed.ended)) throw new Error('sessions or ended missing')
+  return {
+    sessions: (parsed.sessions as StoredSession[]).filter(isStoredSession),
+    ended: (parsed.ended as StoredEnded[]).filter((e) => typeof e?.id === 'string' && typeof e.reason === 'string' && Number.isFinite(e.endedAt))
+  }
+}
+
+function isStoredSession (s: StoredSession): boolean {
+  return typeof s?.id === 'string' && typeof s.ref === 'object' && s.ref !== null &&
+    (s.ref.protocol === 'cursor' || s.ref.protocol === 'acp') &&
+    Number.isFinite(s.lastActivity) && Number.isFinite(s.idleTimeoutMs)
+}

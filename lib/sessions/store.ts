@@ -1,0 +1,60 @@
+// What must survive a restart of the service, behind one interface: the
+// sessions (enough to resume each conversation in a new agent process) and
+// the ended ids with their reasons. The store knows no processes (their record
+// lives in lib/processes). Implementations: file-store.ts (one instance, a
+// local state directory) and, for clusters, a shared one.
+
+import type { ConversationRef } from '../agents/types.js'
+import type { SessionEndReason } from '../errors.js'
+
+export interface StoredSession {
+  id: string
+  /** What the agent driver needs to continue the conversation (chat id, ACP session id). */
+  ref: ConversationRef
+  workspaceDir: string
+  createdAt: number
+  lastActivity: number
+  lastTurnEndedAt: number
+  idleTimeoutMs: number
+}
+
+export interface StoredEnded {
+  id: string
+  reason: SessionEndReason
+  idleMs: number
+  endedAt: number
+}
+
+export interface StoreSnapshot {
+  sessions: StoredSession[]
+  ended: StoredEnded[]
+}
+
+/** Where a store reads the current state from when it writes (the manager's own maps: nothing is kept twice). */
+export interface StoreSource {
+  sessions: () => Iterable<StoredSession>
+  ended: () => Iterable<StoredEnded>
+}
+
+export interface StoreHealth {
+  kind: 'file' | 'redis'
+  ok: boolean
+  /** The last write or read failure, while it lasts. */
+  lastError: string | null
+}
+
+export interface SessionStore {
+  /** What an earlier run left (sessions come back hibernated). Damaged state is moved aside, never fatal. */
+  load: () => Promise<StoreSnapshot>
+  attach: (source: StoreSource) => void
+  /** A session was created, or changed what resuming it needs: written soon, not batched. */
+  saved: (session: StoredSession) => void
+  /** Only its activity times changed (a heartbeat): written with the next batch. */
+  touched: (session: StoredSession) => void
+  /** The session ended: it leaves the store and its id is remembered with the reason. */
+  ended: (record: StoredEnded) => void
+  /** Resolves once everything changed so far is written. */
+  flush: () => Promise<void>
+  close: () => Promise<void>
+  health: () => StoreHealth
+}
