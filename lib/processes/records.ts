@@ -152,23 +152,22 @@ export class GroupRecordFile implements GroupRecorder {
 
   #save (): void {
     this.#dirty = true
+    if (this.#writing !== null) return
     // One write at a time; changes made meanwhile go out in the next one.
-    this.#writing ??= this.#write()
+    const writing = this.#write()
+    this.#writing = writing
+    void writing.finally(() => { if (this.#writing === writing) this.#writing = null })
   }
 
   async #write (): Promise<void> {
-    try {
-      while (this.#dirty) {
-        this.#dirty = false
-        const text = JSON.stringify({ version: FORMAT_VERSION, groups: [...this.#groups.values()] })
-        try {
-          await writeFileAtomic(this.#file, text, { mode: 0o600 })
-        } catch (err) {
-          this.#log.error({ err, file: this.#file }, 'writing the process record failed')
-        }
+    while (this.#dirty) {
+      this.#dirty = false
+      const text = JSON.stringify({ version: FORMAT_VERSION, groups: [...this.#groups.values()] })
+      try {
+        await writeFileAtomic(this.#file, text, { mode: 0o600 })
+      } catch (err) {
+        this.#log.error({ err, file: this.#file }, 'writing the process record failed')
       }
-    } finally {
-      this.#writing = null
     }
   }
 }

@@ -8,8 +8,20 @@ import writeFileAtomic from 'write-file-atomic'
 import type { Logger } from '../logger.js'
 import type { SessionStore, StoreHealth, StoreSnapshot, StoreSource, StoredEnded, StoredSession } from './store.js'
 
-/** The format this version writes. Older ones are migrated on load; newer ones are moved aside. */
-export const STATE_FORMAT_VERSION = 1
+/**
+ * The format this version writes. Older ones are migrated on load; newer ones are moved aside.
+ * 1: sessions and ended ids. 2: each session also keeps its conversation history.
+ */
+export const STATE_FORMAT_VERSION = 2
+
+/** Each step lifts a state file one format version. */
+const MIGRATIONS: Record<number, (state: Record<string, unknown>) => Record<string, unknown>> = {
+  1: (state) => ({
+    ...state,
+    version: 2,
+    sessions: Array.isArray(state.sessions) ? state.sessions.map((s: Record<string, unknown>) => ({ ...s, history: [] })) : state.sessions
+  })
+}
 
 export interface FileStoreOptions {
   file: string
@@ -29,6 +41,11 @@ export class FileStore implements SessionStore {
   #timer: NodeJS.Timeout | null = null
   #writing: Promise<void> | null = null
   #lastError: string | null = null
+  // Changes asked to be written, and how many of them the last finished attempt covered.
+  #requested = 0
+  #attempted = 0
+  #waiting: Array<{ wanted: number, resolve: () => void }> = []
+  #closing = false
   #closed = false
 
   constructor (options: FileStoreOptions) {
@@ -60,9 +77,12 @@ export class FileStore implements SessionStore {
     this.#source = source
   }
 
-  saved (): void {
+  async saved (): Promise<void> {
+    const wanted = ++this.#requested
     this.#dirty = true
     this.#writeSoon()
+    if (this.#attempted >= wanted) return
+    await new Promise<void>((resolve) => { this.#waiting.push({ wanted, resolve }) })
   }
 
   touched (): void {
@@ -75,7 +95,7 @@ export class FileStore implements SessionStore {
   }
 
   ended (): void {
-    this.saved()
+    void this.saved()
   }
 
   async flush (): Promise<void> {
@@ -88,6 +108,7 @@ export class FileStore implements SessionStore {
   }
 
   async close (): Promise<void> {
+    this.#closing = true
     await this.flush()
     this.#closed = true
   }
@@ -97,44 +118,57 @@ export class FileStore implements SessionStore {
   }
 
   #writeSoon (): void {
-    if (this.#closed) return
+    if (this.#closed || this.#writing !== null) return
     // One write at a time; what changes meanwhile goes out in the next one.
-    this.#writing ??= this.#write()
+    const writing = this.#write()
+    this.#writing = writing
+    // Cleared only after it was set: a write with nothing to do completes at once.
+    void writing.finally(() => { if (this.#writing === writing) this.#writing = null })
+  }
+
+  #settleWaiting (covers: number): void {
+    this.#attempted = Math.max(this.#attempted, covers)
+    const done = this.#waiting.filter((w) => w.wanted <= covers)
+    this.#waiting = this.#waiting.filter((w) => w.wanted > covers)
+    for (const waiter of done) waiter.resolve()
   }
 
   async #write (): Promise<void> {
-    try {
-      while (this.#dirty && this.#source !== null) {
-        this.#dirty = false
-        const text = JSON.stringify({
-          version: STATE_FORMAT_VERSION,
-          savedAt: Date.now(),
-          sessions: [...this.#source.sessions()],
-          ended: [...this.#source.ended()]
-        })
-        try {
-          await writeFileAtomic(this.#file, text, { mode: 0o600 })
-          if (this.#lastError !== null) this.#log.info({ file: this.#file }, 'session store writes again')
-          this.#lastError = null
-        } catch (err) {
-          // A full or read-only disk must not take the service down: keep serving, retry with the next change.
-          if (this.#lastError === null) this.#log.error({ err, file: this.#file }, 'writing the session store failed')
-          this.#lastError = (err as Error).message
-          this.#dirty = true
-          await new Promise((resolve) => setTimeout(resolve, this.#batchMs).unref())
-          if (this.#closed) return
-        }
+    while (this.#dirty && this.#source !== null) {
+      this.#dirty = false
+      const covers = this.#requested
+      const text = JSON.stringify({
+        version: STATE_FORMAT_VERSION,
+        savedAt: Date.now(),
+        sessions: [...this.#source.sessions()],
+        ended: [...this.#source.ended()]
+      })
+      try {
+        await writeFileAtomic(this.#file, text, { mode: 0o600 })
+        if (this.#lastError !== null) this.#log.info({ file: this.#file }, 'session store writes again')
+        this.#lastError = null
+        this.#settleWaiting(covers)
+      } catch (err) {
+        this.#settleWaiting(covers)
+        // A full or read-only disk must not take the service down: keep serving, retry a little later.
+        if (this.#lastError === null || this.#closing) this.#log.error({ err, file: this.#file }, 'writing the session store failed')
+        this.#lastError = (err as Error).message
+        this.#dirty = true
+        // Closing does not wait for space that may never come.
+        if (this.#closing) return
+        await new Promise((resolve) => setTimeout(resolve, this.#batchMs).unref())
       }
-    } finally {
-      this.#writing = null
     }
   }
 }
 
 /** Reads a state file of this version or an older one; throws for anything else. */
 export function parseState (text: string): StoreSnapshot {
-  const parsed = JSON.parse(text) as Record<string, unknown>
+  let parsed = JSON.parse(text) as Record<string, unknown>
   if (typeof parsed !== 'object' || parsed === null) throw new Error('not a JSON object')
+  while (typeof parsed.version === 'number' && parsed.version < STATE_FORMAT_VERSION && MIGRATIONS[parsed.version] !== undefined) {
+    parsed = MIGRATIONS[parsed.version](parsed)
+  }
   const version = parsed.version
   if (version !== STATE_FORMAT_VERSION) {
     throw new Error(typeof version === 'number' && version > STATE_FORMAT_VERSION
@@ -143,7 +177,8 @@ export function parseState (text: string): StoreSnapshot {
   }
   if (!Array.isArray(parsed.sessions) || !Array.isArray(parsed.ended)) throw new Error('sessions or ended missing')
   return {
-    sessions: (parsed.sessions as StoredSession[]).filter(isStoredSession),
+    sessions: (parsed.sessions as StoredSession[]).filter(isStoredSession)
+      .map((session) => ({ ...session, history: Array.isArray(session.history) ? session.history : [] })),
     ended: (parsed.ended as StoredEnded[]).filter((e) => typeof e?.id === 'string' && typeof e.reason === 'string' && Number.isFinite(e.endedAt))
   }
 }

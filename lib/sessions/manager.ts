@@ -16,21 +16,15 @@ import { silentLogger, type Logger } from '../logger.js'
 import type { TeardownStage } from '../processes/terminate.js'
 import { SessionEvents, type NumberedEvent, type SessionState, type StreamEvent } from './events.js'
 import { decideByPolicy, PendingPermissions, type PermissionPolicy } from './permissions.js'
-import type { SessionStore, StoredEnded, StoredSession } from './store.js'
+import type { SessionStore, StoredSession, StoredTurn } from './store.js'
 
 export type { SessionState }
 
-/** One turn of the conversation, as GET /api/session/history shows it. Times are epoch milliseconds. */
-export interface TurnRecord {
-  question: string
-  /** What the agent said (also the part that arrived before a cancel); '' when the turn failed. */
-  answer: string
-  stopReason: StopReason | null
-  /** The error code when the turn failed (AGENT_EXITED, REQUEST_TIMEOUT, ...). */
-  error: string | null
-  startedAt: number
-  endedAt: number
-}
+/**
+ * One turn of the conversation, as GET /api/session/history shows it: the
+ * answer is '' when the turn failed (then `error` holds its code).
+ */
+export type TurnRecord = StoredTurn
 
 /** A read-only view of a session. Times are epoch milliseconds. */
 export interface SessionInfo {
@@ -249,7 +243,8 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     }
     this.#sessions.set(session.id, session)
     this.#watch(session, conversation)
-    this.#store?.saved(this.#stored(session))
+    // The id a client gets must survive a crash right after it: the start answers once it is written.
+    await this.#store?.saved(this.#stored(session))
     const info = toInfo(session)
     this.#log.info({ sessionId: session.id, agent: session.ref, pid: conversation.pid, idleTimeoutMs, activeSessions: this.#sessions.size }, 'session started')
     this.emit('session-started', info)
@@ -524,7 +519,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
         conversation: null,
         turn: null,
         cancelRequested: false,
-        history: null,
+        history: stored.history.length === 0 ? null : stored.history.slice(-this.#options.maxHistory),
         expiryTimer: null
       })
     }
@@ -721,7 +716,8 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       createdAt: session.createdAt,
       lastActivity: session.lastActivity,
       lastTurnEndedAt: session.lastTurnEndedAt,
-      idleTimeoutMs: session.idleTimeoutMs
+      idleTimeoutMs: session.idleTimeoutMs,
+      history: session.history ?? []
     }
   }
 

@@ -4,8 +4,18 @@
 // lives in lib/processes). Implementations: file-store.ts (one instance, a
 // local state directory) and, for clusters, a shared one.
 
-import type { ConversationRef } from '../agents/types.js'
+import type { ConversationRef, StopReason } from '../agents/types.js'
 import type { SessionEndReason } from '../errors.js'
+
+/** One turn of a conversation (what GET /api/session/history shows). Times are epoch milliseconds. */
+export interface StoredTurn {
+  question: string
+  answer: string
+  stopReason: StopReason | null
+  error: string | null
+  startedAt: number
+  endedAt: number
+}
 
 export interface StoredSession {
   id: string
@@ -16,6 +26,8 @@ export interface StoredSession {
   lastActivity: number
   lastTurnEndedAt: number
   idleTimeoutMs: number
+  /** The conversation so far (newest turns, up to the manager's limit). */
+  history: StoredTurn[]
 }
 
 export interface StoredEnded {
@@ -47,8 +59,12 @@ export interface SessionStore {
   /** What an earlier run left (sessions come back hibernated). Damaged state is moved aside, never fatal. */
   load: () => Promise<StoreSnapshot>
   attach: (source: StoreSource) => void
-  /** A session was created, or changed what resuming it needs: written soon, not batched. */
-  saved: (session: StoredSession) => void
+  /**
+   * A session was created, or changed what resuming it needs: written now, not
+   * batched. Resolves once written (or once writing failed: the service goes on
+   * without waiting for a disk that may not recover).
+   */
+  saved: (session: StoredSession) => Promise<void>
   /** Only its activity times changed (a heartbeat): written with the next batch. */
   touched: (session: StoredSession) => void
   /** The session ended: it leaves the store and its id is remembered with the reason. */
