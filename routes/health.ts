@@ -1,9 +1,11 @@
-// Liveness and a summary an operator (or a phone app's status screen) can read.
-// Reading it is not session activity.
+// Liveness and a summary an operator (or a phone app's status screen) can read,
+// and the probes containers and Kubernetes use. Reading them is not session activity.
 
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@fastify/type-provider-typebox'
 import { packageInfo } from '../lib/package-info.js'
+import { AgentSessionError } from '../lib/errors.js'
+import { errors } from './schemas.js'
 
 // Health is polled; asking the binary for its version on every poll would spawn a process each time.
 const AGENT_CHECK_TTL_MS = 30_000
@@ -79,6 +81,63 @@ const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       }
     }
   })
+
+  // Liveness: the process serves requests. Once it closes it accepts no new
+  // connections, so probes fail to connect then.
+  fastify.get('/api/health/live', {
+    schema: {
+      operationId: 'healthLive',
+      summary: 'Liveness probe',
+      description: '200 while the process serves requests. Needs no token.',
+      tags: ['health'],
+      response: {
+        200: Type.Object({ status: Type.Literal('ok') }, { description: 'The process serves requests' })
+      }
+    }
+  }, async () => ({ status: 'ok' as const }))
+
+  // Readiness: every reason this instance cannot take a new session, one check
+  // each. A clustered instance adds its Redis ping here.
+  const readinessChecks: ReadinessCheck[] = [
+    { name: 'accepting', check: async () => manager.closed ? 'the server is shutting down' : null },
+    {
+      name: 'agent',
+      check: async () => (await agentVersion()).version === null
+        ? `the agent (${config.cursorAgentBin}) does not answer --version`
+        : null
+    }
+  ]
+
+  fastify.get('/api/health/ready', {
+    schema: {
+      operationId: 'healthReady',
+      summary: 'Readiness probe',
+      description: '200 when a new session can start; 503 (SERVICE_UNAVAILABLE, details name each failed check) ' +
+        'when the agent does not answer or the server is shutting down. Needs no token.',
+      tags: ['health'],
+      response: {
+        200: Type.Object({
+          status: Type.Literal('ready'),
+          checks: Type.Array(Type.String(), { description: 'The checks that passed' })
+        }, { description: 'A new session can start' }),
+        ...errors(503)
+      }
+    }
+  }, async () => {
+    const results = await Promise.all(readinessChecks.map(async ({ name, check }) => ({ name, problem: await check() })))
+    const failed = results.filter((r) => r.problem !== null)
+    if (failed.length > 0) {
+      throw new AgentSessionError('SERVICE_UNAVAILABLE',
+        `Not ready: ${failed.map((r) => `${r.name}: ${String(r.problem)}`).join('; ')}`, { retryAfterSeconds: 5 })
+    }
+    return { status: 'ready' as const, checks: results.map((r) => r.name) }
+  })
+}
+
+/** One readiness condition: null when it holds, else why not (for the 503's details). */
+interface ReadinessCheck {
+  name: string
+  check: () => Promise<string | null>
 }
 
 export default healthRoutes
