@@ -5,8 +5,11 @@
 # bases are made once and reused; then
 #   podman build --format docker --build-arg AGENT_INSTALL=... .
 #
-#   scripts/image/build.sh [--agent simulator|cursor|npm:<pkg>@<version>] [--tag IMAGE] [--rebuild-bases]
+#   scripts/image/build.sh [--agent simulator|cursor|npm:<pkg>@<version>] [--tag IMAGE] [--rebuild-bases] [--force]
 #
+# The image is reused when nothing it is built from changed (the files the
+# .dockerignore lets in, the Dockerfile, the arguments, the bases): --force
+# builds anyway (podman's layer cache still applies).
 # Environment: IMAGE (default localhost/fastify-agent-sessions:dev).
 # Prints the image id on stdout; progress goes to stderr. Exit 3: no engine
 # can be installed here.
@@ -29,12 +32,14 @@ NODE_BASE=localhost/node:$NODE_MAJOR-$DEBIAN_SUITE-slim
 agent=simulator
 image=${IMAGE:-localhost/fastify-agent-sessions:dev}
 rebuild_bases=false
+force=false
 while [ $# -gt 0 ]; do
   case "$1" in
     --agent) agent=$2; shift 2 ;;
     --tag) image=$2; shift 2 ;;
-    --rebuild-bases) rebuild_bases=true; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --rebuild-bases) rebuild_bases=true; force=true; shift ;;
+    --force) force=true; shift ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
 done
@@ -93,10 +98,34 @@ if [ -r /etc/ssl/certs/ca-certificates.crt ]; then
   build_args+=(--volume "$work/npm-etc:/usr/local/etc:ro")
 fi
 
+# What the image is made of: the build context (the .dockerignore's allow-list),
+# the Dockerfile, the arguments and the bases.
+context_hash () {
+  (
+    cd "$PROJECT_ROOT"
+    echo "AGENT_INSTALL=$agent NODE_VERSION=$NODE_MAJOR"
+    podman image inspect --format '{{.Id}}' "$DEBIAN_BASE" "$NODE_BASE"
+    mapfile -t paths < <(sed -n 's|^!\(.*\)|\1|p' .dockerignore)
+    find Dockerfile "${paths[@]%/}" -type f -printf '%m %p\n' | LC_ALL=C sort
+    find Dockerfile "${paths[@]%/}" -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
+  ) | sha256sum | cut -c1-64
+}
+label=fastify-agent-sessions.build-context
+hash=$(context_hash)
+if [ "$force" = false ] && [ "$(podman image inspect --format "{{index .Labels \"$label\"}}" "$image" 2>/dev/null)" = "$hash" ]; then
+  log "$image is up to date (nothing it is built from changed; --force builds anyway)"
+  podman image inspect --format '{{.Id}}' "$image"
+  exit 0
+fi
+
 log "building $image (AGENT_INSTALL=$agent)"
+build_started=$(date --utc +%Y-%m-%dT%H:%M:%SZ)
 podman build --format docker --pull=never \
   --build-arg "AGENT_INSTALL=$agent" \
   --build-arg "NODE_VERSION=$NODE_MAJOR" \
+  --label "$label=$hash" \
   "${build_args[@]}" \
   --tag "$image" "$PROJECT_ROOT" >&2
+# Earlier builds' images that no tag names any more (this build's stages stay as its cache).
+podman image prune --force --filter "label=$label" --filter "until=$build_started" >/dev/null || true
 podman image inspect --format '{{.Id}}' "$image"
