@@ -5,7 +5,7 @@
 import t, { type Test } from 'tap'
 import { execFile, spawn } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
-import { readFile } from 'node:fs/promises'
+import { readdir, readFile } from 'node:fs/promises'
 import { createServer } from 'node:net'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
@@ -104,6 +104,38 @@ async function api (c: Container, method: string, path: string, body?: object, t
   return { status: res.status, json: await res.json() }
 }
 
+/** The simulator's grandchildren under the host pid `root`: a turn spawns its grandchild once it has read its prompt (and its faults). */
+async function grandchildren (root: number): Promise<number> {
+  const parents = new Map<number, number>()
+  for (const entry of await readdir('/proc')) {
+    if (!/^\d+$/.test(entry)) continue
+    try {
+      const stat = await readFile(`/proc/${entry}/stat`, 'utf8')
+      parents.set(Number(entry), Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]))
+    } catch {}
+  }
+  const under = (pid: number): boolean => {
+    for (let p = parents.get(pid); p !== undefined && p > 1; p = parents.get(p)) if (p === root) return true
+    return false
+  }
+  let count = 0
+  for (const pid of parents.keys()) {
+    try {
+      const argv = (await readFile(`/proc/${pid}/cmdline`, 'utf8')).split('\0')
+      if (argv.includes('__fake-child') && argv.includes('grandchild') && under(pid)) count++
+    } catch {}
+  }
+  return count
+}
+
+async function waitForAsync (probe: () => Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
+  const deadline = performance.now() + timeoutMs
+  while (!(await probe())) {
+    if (performance.now() > deadline) throw new Error(`timed out waiting for ${what}`)
+    await sleep(50)
+  }
+}
+
 const built = await buildImage()
 if (!built.ok) {
   t.comment(`skipped: ${built.why}`)
@@ -115,7 +147,7 @@ t.test('the image', { skip: built.ok ? false : built.why }, async (t) => {
 
   const inspect = JSON.parse((await podman('image', 'inspect', IMAGE)).stdout)[0]
   t.same(inspect.Config.Volumes ?? {}, {}, 'no anonymous VOLUME')
-  t.same(inspect.HealthCheck?.Test, ['CMD', 'node', '/app/healthcheck.mjs'], 'HEALTHCHECK kept (docker format)')
+  t.same(inspect.Healthcheck?.Test, ['CMD', 'node', '/app/healthcheck.mjs'], 'HEALTHCHECK kept (docker format)')
   t.equal(inspect.Config.User, 'node')
   t.comment(`image size: ${(inspect.Size / 1e6).toFixed(1)} MB`)
 
@@ -178,16 +210,14 @@ t.test('the image', { skip: built.ok ? false : built.why }, async (t) => {
     const ids: string[] = []
     for (let i = 0; i < 5; i++) ids.push((await api(c, 'POST', '/api/session/start')).json.session_id)
     // Stuck: no output, and SIGTERM ignored, so only the ladder's SIGKILL ends them.
-    const asks = ids.map(async (id) => await api(c, 'POST', `/api/ask?session_id=${id}`, { question: '[[fault:stall]] [[fault:ignore-sigterm]] hello' }))
-    const deadline = performance.now() + 60_000
-    while ((await api(c, 'GET', '/api/health', undefined, null)).json.busy_sessions < 5) {
-      if (performance.now() > deadline) throw new Error('the 5 turns did not start')
-      await sleep(50)
-    }
-    // The signal the engine sends on stop, straight to the container's PID 1
-    // (podman kill's and podman wait's own start-up is not the service's time).
+    const asks = ids.map(async (id) => await api(c, 'POST', `/api/ask?session_id=${id}`, { question: '[[fault:stall]] [[fault:ignore-sigterm]] [[fault:grandchild]] hello' }))
     const pid = Number((await podman('inspect', '--format', '{{.State.Pid}}', c.name)).stdout.trim())
     t.ok(pid > 1, `the container's PID 1 is ${pid} on the host`)
+    // Stuck for real once each turn has read its prompt, which its grandchild
+    // shows (the host's /proc shows the container's processes too).
+    await waitForAsync(async () => (await grandchildren(pid)) === 5, 60_000, 'the 5 stuck turns')
+    // The signal the engine sends on stop, straight to the container's PID 1
+    // (podman kill's and podman wait's own start-up is not the service's time).
     const sent = performance.now()
     process.kill(pid, 'SIGTERM')
     const gone = await waitForGone([pid], 60_000)
@@ -196,6 +226,10 @@ t.test('the image', { skip: built.ok ? false : built.why }, async (t) => {
     t.ok(ms < KILL_GRACE_MS + 2000, `exited in ${Math.round(ms)} ms (KILL_GRACE ${KILL_GRACE_MS} ms)`)
     t.comment(`SIGTERM to exit with 5 stuck agents: ${Math.round(ms)} ms (KILL_GRACE ${KILL_GRACE_MS} ms)`)
     t.equal((await podman('wait', c.name)).stdout.trim(), '0', 'exit code 0')
+    const logs = (await podman('logs', c.name)).stdout.split('\n').filter((line) => line.startsWith('{')).map((line) => JSON.parse(line))
+    const ended = logs.filter((l) => l.msg === 'session ended' && l.reason === 'shutdown')
+    t.equal(ended.length, 5, 'five sessions ended by the shutdown')
+    t.ok(ended.every((l) => l.processes === 'killed'), 'each agent needed the SIGKILL after KILL_GRACE: stuck for real')
     for (const res of await Promise.all(asks)) t.equal(res.status, 503, 'each stuck ask was answered: shutting down')
   })
 })
