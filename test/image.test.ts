@@ -136,6 +136,11 @@ async function waitForAsync (probe: () => Promise<boolean>, timeoutMs: number, w
   }
 }
 
+// podman's overlay driver bind-mounts its storage directory on itself on first
+// use; a test that brought it there takes it away once no container is left.
+const STORAGE_MOUNT = ' /var/lib/containers/storage/overlay '
+const storageMountedBefore = (await readFile('/proc/self/mounts', 'utf8')).includes(STORAGE_MOUNT)
+
 const built = await buildImage()
 if (!built.ok) {
   t.comment(`skipped: ${built.why}`)
@@ -256,4 +261,8 @@ t.test('no container, volume or conmon process is left behind', { skip: built.ok
   t.notMatch(conmon.stdout, /conmon.*agent-sessions-test-/, 'no conmon')
   const mounts = await readFile('/proc/self/mounts', 'utf8')
   t.ok(started.length >= 2 && started.every((id) => /^[0-9a-f]{64}$/.test(id) && !mounts.includes(id)), 'no mount of theirs')
+  if (!storageMountedBefore && mounts.includes(STORAGE_MOUNT) && (await podman('ps', '--all', '--quiet')).stdout.trim() === '') {
+    await run('umount', [STORAGE_MOUNT.trim()])
+  }
+  t.equal((await readFile('/proc/self/mounts', 'utf8')).includes(STORAGE_MOUNT), storageMountedBefore, 'podman\'s storage mount as before the test')
 })
