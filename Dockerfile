@@ -6,7 +6,8 @@
 #   scripts/image/build.sh                                          (offline, on a machine without Docker Hub)
 #
 # Run it as the README's "Container image" section says: named volumes for
-# /workspace and /state, the token as a secret, a stop timeout above 15 s.
+# /workspace and /state, API_TOKEN, a stop timeout of 30 s (Docker's 10 s
+# equals the server's own graceful-close limit, KILL_GRACE + 5 s).
 
 ARG NODE_VERSION=26
 ARG NODE_IMAGE=node:${NODE_VERSION}-bookworm-slim
