@@ -36,7 +36,10 @@ args=(--detach --name "$name" --network host
   --stop-timeout 30)
 if [ -n "$token_file" ]; then
   [ -r "$token_file" ] || die "cannot read $token_file"
-  args+=(--env "API_TOKEN=$(cat "$token_file")")
+  # Named only: the value stays off podman's command line.
+  API_TOKEN=$(cat "$token_file")
+  export API_TOKEN
+  args+=(--env API_TOKEN)
 fi
 [ -n "${CURSOR_API_KEY:-}" ] && args+=(--env CURSOR_API_KEY)
 
