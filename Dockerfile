@@ -63,7 +63,8 @@ RUN mkdir -p /opt/agent/bin; \
       npm:*) \
         [[ "${AGENT_INSTALL#npm:}" =~ ^(@[a-z0-9._-]+/)?[a-z0-9._-]+@[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.-]+)?$ ]] \
           || { echo "AGENT_INSTALL=npm:<package>@<version> needs an exact version; got '$AGENT_INSTALL'" >&2; exit 1; }; \
-        npm install --prefix /opt/agent/npm --omit=dev --no-audit --no-fund --no-package-lock "${AGENT_INSTALL#npm:}"; \
+        mkdir /opt/agent/npm; cd /opt/agent/npm; echo '{"private":true}' > package.json; \
+        npm install --omit=dev --no-audit --no-fund --no-package-lock "${AGENT_INSTALL#npm:}"; \
         for bin in /opt/agent/npm/node_modules/.bin/*; do ln -s "../npm/node_modules/.bin/${bin##*/}" /opt/agent/bin/; done ;; \
       simulator) \
         install -m 0755 /tmp/simulator.mjs /opt/agent/simulator.mjs; ln -s ../simulator.mjs /opt/agent/bin/cursor-agent ;; \
