@@ -22,10 +22,12 @@ async function authPlugin (fastify: FastifyInstance): Promise<void> {
   const expected = digest(token)
   // Health stays open for load balancers and container health checks; it shows no session data.
   const healthUrl = `${fastify.prefix}/api/health`
+  // The probes too: orchestrators call them without credentials.
+  const publicUrls = new Set([healthUrl, `${healthUrl}/live`, `${healthUrl}/ready`])
 
   const isPublic = (request: FastifyRequest): boolean => {
     const method = request.method
-    if ((method === 'GET' || method === 'HEAD') && request.routeOptions.url === healthUrl) return true
+    if ((method === 'GET' || method === 'HEAD') && publicUrls.has(request.routeOptions.url ?? '')) return true
     // A CORS preflight carries no credentials by design and runs nothing.
     return method === 'OPTIONS' && request.headers['access-control-request-method'] !== undefined &&
       request.headers.origin !== undefined

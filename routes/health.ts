@@ -4,7 +4,9 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@fastify/type-provider-typebox'
 import { packageInfo } from '../lib/package-info.js'
+import { AgentSessionError } from '../lib/errors.js'
 import { groupsRssBytes } from '../lib/processes/usage.js'
+import { errors } from './schemas.js'
 
 const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   const manager = fastify.agentSessions
@@ -86,6 +88,61 @@ const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       }
     }
   })
+
+  fastify.get('/api/health/live', {
+    schema: {
+      operationId: 'healthLive',
+      summary: 'Liveness probe',
+      description: '200 while the process serves requests. Needs no token.',
+      tags: ['health'],
+      response: {
+        200: Type.Object({ status: Type.Literal('ok') }, { description: 'The process serves requests' })
+      }
+    }
+  }, async () => ({ status: 'ok' as const }))
+
+  // Readiness: every reason this instance cannot take a new session, one check
+  // each. A clustered instance adds its Redis ping here.
+  const readinessChecks: ReadinessCheck[] = [
+    { name: 'accepting', check: async () => manager.closed ? 'the server is shutting down' : null },
+    {
+      name: 'agent',
+      check: async () => (await manager.driver.info()).available
+        ? null
+        : `the agent (${config.agentProtocol === 'acp' ? config.agentCommand?.[0] ?? '' : config.cursorAgentBin}) is not usable`
+    }
+  ]
+
+  fastify.get('/api/health/ready', {
+    schema: {
+      operationId: 'healthReady',
+      summary: 'Readiness probe',
+      description: '200 when a new session can start; 503 (SERVICE_UNAVAILABLE, details name each failed check) ' +
+        'when the agent does not answer or the server is shutting down. Needs no token.',
+      tags: ['health'],
+      response: {
+        200: Type.Object({
+          status: Type.Literal('ready'),
+          checks: Type.Array(Type.String(), { description: 'The checks that passed' })
+        }, { description: 'A new session can start' }),
+        ...errors(503)
+      }
+    }
+  }, async () => {
+    const results = await Promise.all(readinessChecks.map(async ({ name, check }) => ({ name, problem: await check() })))
+    const failed = results.filter((r) => r.problem !== null)
+    if (failed.length > 0) {
+      throw new AgentSessionError('SERVICE_UNAVAILABLE',
+        `Not ready: ${failed.map((r) => `${r.name}: ${String(r.problem)}`).join('; ')}`, { retryAfterSeconds: 5 })
+    }
+    return { status: 'ready' as const, checks: results.map((r) => r.name) }
+  })
+}
+
+/** One readiness condition: null when it holds, else why not (for the 503's details). */
+interface ReadinessCheck {
+  name: string
+  check: () => Promise<string | null>
 }
 
 export default healthRoutes

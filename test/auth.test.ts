@@ -54,7 +54,7 @@ function checkUnauthorized (t: Test, res: LightMyRequestResponse, what: string, 
 t.test('with API_TOKEN, every route but health refuses requests without the right bearer token', async (t) => {
   const box = sandbox(t)
   const { app, routes } = await buildWithRoutes(t, box, { apiToken: TOKEN })
-  const protectedRoutes = routes.filter((r) => !(r.url === '/api/health' && (r.method === 'GET' || r.method === 'HEAD')))
+  const protectedRoutes = routes.filter((r) => !(/^\/api\/health(?:\/live|\/ready)?$/.test(r.url) && (r.method === 'GET' || r.method === 'HEAD')))
   t.ok(protectedRoutes.length >= 4, `routes found: ${protectedRoutes.map((r) => `${r.method} ${r.url}`).join(', ')}`)
   // The not-found handler is behind the token too: no probing which routes exist.
   protectedRoutes.push({ method: 'GET', url: '/api/nope' }, { method: 'DELETE', url: '/' })
