@@ -3,10 +3,9 @@
 
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
-import { CursorAgentRunner } from '../lib/agents/cursor-print.js'
+import { CURSOR_AGENT_ENV_NAMES, CursorAgentRunner } from '../lib/agents/cursor-print.js'
 import type { AgentRunner } from '../lib/agents/types.js'
 import { agentEnvironment } from '../lib/processes/environment.js'
-import { SERVICE_ENV_NAMES } from '../lib/config.js'
 import { SessionManager } from '../lib/sessions/manager.js'
 
 declare module 'fastify' {
@@ -16,7 +15,7 @@ declare module 'fastify' {
 }
 
 export interface SessionManagerPluginOptions {
-  /** Extra environment for every agent process (e.g. CURSOR_API_KEY from a secret store). */
+  /** Extra environment for every agent process (e.g. CURSOR_API_KEY from a secret store), set over everything else. */
   agentEnv?: Record<string, string>
   /** A different agent driver (tests, benchmarks, a long-lived ACP driver). */
   runner?: AgentRunner
@@ -30,7 +29,12 @@ async function sessionManagerPlugin (fastify: FastifyInstance, options: SessionM
   const runner = options.runner ?? new CursorAgentRunner({
     bin: config.cursorAgentBin,
     workspaceDir: config.workspaceDir,
-    env: agentEnvironment(process.env, SERVICE_ENV_NAMES, options.agentEnv),
+    env: agentEnvironment(process.env, {
+      pass: [...config.agentEnvPass, ...CURSOR_AGENT_ENV_NAMES],
+      extra: options.agentEnv,
+      user: config.agentUser
+    }),
+    user: config.agentUser,
     killSignal: config.killSignal,
     killGraceMs: config.killGraceMs,
     model: config.agentModel,
@@ -42,6 +46,7 @@ async function sessionManagerPlugin (fastify: FastifyInstance, options: SessionM
   fastify.decorate('agentSessions', new SessionManager({
     runner,
     maxSessions: config.maxSessions,
+    maxSessionsPerClient: config.maxSessionsPerClient,
     sessionTimeoutMs: config.sessionTimeoutMs,
     maxSessionTimeoutMs: config.maxSessionTimeoutMs,
     askTimeoutMs: config.askTimeoutMs,
