@@ -1,5 +1,7 @@
 // Liveness and a summary an operator (or a phone app's status screen) can read.
-// Reading it is not session activity.
+// Reading it is not session activity. It needs no token; without one (when
+// API_TOKEN is set) it answers only the fields the Janus web client reads:
+// no paths, no agent or reaper details.
 
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@fastify/type-provider-typebox'
@@ -29,6 +31,7 @@ const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   const startedAt = performance.now()
 
   fastify.get('/api/health', {
+    config: { agentSessionsPublic: true },
     schema: {
       operationId: 'health',
       summary: 'Service health',
@@ -39,35 +42,41 @@ const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
           version: Type.String(),
           uptime_seconds: Type.Number(),
           active_sessions: Type.Integer(),
-          busy_sessions: Type.Integer(),
+          busy_sessions: Type.Optional(Type.Integer()),
           memory_usage_mb: Type.Number(),
-          agent: Type.Object({
+          agent: Type.Optional(Type.Object({
             binary: Type.String(),
             available: Type.Boolean(),
             version: Type.Union([Type.String(), Type.Null()])
-          }),
-          reaper: Type.Object({
+          })),
+          reaper: Type.Optional(Type.Object({
             running: Type.Boolean(),
             interval_seconds: Type.Number(),
             session_timeout_seconds: Type.Number(),
             last_sweep_at: Type.Union([Type.String({ format: 'date-time' }), Type.Null()]),
             sweeps: Type.Integer(),
             sessions_reaped: Type.Integer()
-          })
-        }, { description: 'Status of the service, its sessions, the agent binary and the reaper' })
+          }))
+        }, {
+          description: 'Status of the service and its sessions; busy_sessions, agent and reaper only with the token (or when the app has none)'
+        })
       }
     }
-  }, async () => {
+  }, async (request) => {
     const counts = manager.counts()
-    const reaper = fastify.agentSessionsReaper.stats()
     const agent = await agentVersion()
-    return {
+    const summary = {
       status: manager.closed ? 'shutting_down' : agent.version === null ? 'degraded' : 'ok',
       version: packageInfo.version,
       uptime_seconds: Math.floor((performance.now() - startedAt) / 1000),
       active_sessions: counts.active,
+      memory_usage_mb: Math.round(process.memoryUsage().rss / 1024 / 1024 * 10) / 10
+    }
+    if (!request.agentSessionsAuthenticated) return summary
+    const reaper = fastify.agentSessionsReaper.stats()
+    return {
+      ...summary,
       busy_sessions: counts.busy,
-      memory_usage_mb: Math.round(process.memoryUsage().rss / 1024 / 1024 * 10) / 10,
       agent: { binary: config.cursorAgentBin, available: agent.version !== null, version: agent.version },
       reaper: {
         running: reaper.running,
