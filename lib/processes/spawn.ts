@@ -1,9 +1,11 @@
 // Every agent process starts here: as the leader of its own process group (so
 // the teardown ladder can reach all it starts), with exactly the environment
-// given, recorded in the process-wide registry until its group is gone.
+// given, as the agent user when there is one (AGENT_USER), recorded in the
+// process-wide registry until its group is gone.
 
 import { execa, type ResultPromise } from 'execa'
 import { trackGroup } from './terminate.js'
+import type { AgentUser } from './agent-user.js'
 
 export interface SpawnGroupOptions {
   cwd: string
@@ -11,6 +13,11 @@ export interface SpawnGroupOptions {
   env: Record<string, string | undefined>
   /** Written to stdin, which is then closed; omit to keep stdin open as a pipe. */
   input?: string
+  /**
+   * The OS user to run as (see lib/processes/agent-user.ts; the caller checked
+   * that this process may switch to it). Its supplementary groups are dropped.
+   */
+  user?: Pick<AgentUser, 'uid' | 'gid'>
 }
 
 export type GroupProcess = ResultPromise<{ detached: true, buffer: false, encoding: 'utf8', reject: false }>
@@ -25,6 +32,7 @@ export function spawnGroup (bin: string, args: readonly string[], options: Spawn
     cwd: options.cwd,
     env: options.env,
     extendEnv: false,
+    ...(options.user === undefined ? {} : { uid: options.user.uid, gid: options.user.gid }),
     // Its own group: signals to -pgid reach every descendant.
     detached: true,
     // execa's own cleanup signals only the leader; the service tears groups down itself.
