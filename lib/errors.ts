@@ -8,9 +8,11 @@ export const ERROR_STATUS = {
   UNAUTHORIZED: 401,
   SESSION_NOT_FOUND: 404,
   NOT_FOUND: 404,
+  REQUEST_RECEIVE_TIMEOUT: 408,
   SESSION_BUSY: 409,
   PAYLOAD_TOO_LARGE: 413,
   UNSUPPORTED_MEDIA_TYPE: 415,
+  HEADERS_TOO_LARGE: 431,
   RATE_LIMITED: 429,
   AGENT_RATE_LIMITED: 429,
   AGENT_USAGE_LIMIT: 429,
@@ -22,6 +24,7 @@ export const ERROR_STATUS = {
   AGENT_UNKNOWN_MODEL: 502,
   AGENT_CHAT_NOT_FOUND: 502,
   SESSION_LIMIT_REACHED: 503,
+  CLIENT_SESSION_LIMIT_REACHED: 503,
   SERVICE_UNAVAILABLE: 503,
   REQUEST_TIMEOUT: 504
 } as const
@@ -33,6 +36,8 @@ export interface AgentSessionErrorOptions {
   extra?: Record<string, unknown>
   /** Seconds a client should wait before retrying (sent as Retry-After). */
   retryAfterSeconds?: number
+  /** What an operator needs to know (the agent's own error output, paths): logged, never sent to the client. */
+  diagnostics?: Record<string, unknown>
   cause?: unknown
 }
 
@@ -41,6 +46,7 @@ export class AgentSessionError extends Error {
   readonly statusCode: number
   readonly extra: Record<string, unknown>
   readonly retryAfterSeconds?: number
+  readonly diagnostics?: Record<string, unknown>
 
   constructor (code: ErrorCode, message: string, options: AgentSessionErrorOptions = {}) {
     super(message, { cause: options.cause })
@@ -49,6 +55,7 @@ export class AgentSessionError extends Error {
     this.statusCode = ERROR_STATUS[code]
     this.extra = options.extra ?? {}
     this.retryAfterSeconds = options.retryAfterSeconds
+    this.diagnostics = options.diagnostics
   }
 }
 

@@ -3,13 +3,14 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@fastify/type-provider-typebox'
 import { AgentSessionError } from '../lib/errors.js'
-import { errors, SessionQuery } from './schemas.js'
+import { errors, SessionQuery, validatorCompiler } from './schemas.js'
 
 const askRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   const manager = fastify.agentSessions
   const { maxQuestionBytes } = fastify.agentSessionsConfig
 
   fastify.post('/api/ask', {
+    validatorCompiler,
     schema: {
       operationId: 'ask',
       summary: 'Ask the session\'s agent a question about the workspace',

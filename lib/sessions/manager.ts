@@ -59,6 +59,8 @@ export interface SessionManagerEvents {
 export interface SessionManagerOptions {
   runner: AgentRunner
   maxSessions: number
+  /** Sessions one client may hold at once (starts in progress count); only creates that name a client are counted. */
+  maxSessionsPerClient?: number
   sessionTimeoutMs: number
   maxSessionTimeoutMs: number
   askTimeoutMs: number
@@ -82,7 +84,12 @@ interface Session {
   /** Resolves when the last turn's processes are gone (a turn answers before its teardown ends). */
   settling: Promise<RunReport> | null
   history: ConversationEntry[] | null
+  /** Whose per-client budget the session counts against; null when created without a client. */
+  readonly client: ClientSlot | null
 }
+
+/** One client's count of sessions (and starts in progress); shared by its sessions. */
+interface ClientSlot { readonly key: string, count: number }
 
 interface EndedRecord { reason: SessionEndReason, idleMs: number, endedAt: number }
 
@@ -92,6 +99,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
   readonly #closing = new Map<string, Promise<EndReport>>()
   // Agent processes (create-chat, turns) whose teardown has not finished yet.
   readonly #running = new Set<Promise<RunReport>>()
+  readonly #clients = new Map<string, ClientSlot>()
   readonly #shutdown = new AbortController()
   #starting = 0
   #closed = false
@@ -110,6 +118,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     this.#log = options.log ?? silentLogger
     this.#options = {
       maxSessions: options.maxSessions,
+      maxSessionsPerClient: options.maxSessionsPerClient ?? Number.POSITIVE_INFINITY,
       sessionTimeoutMs: options.sessionTimeoutMs,
       maxSessionTimeoutMs: options.maxSessionTimeoutMs,
       askTimeoutMs: options.askTimeoutMs,
@@ -126,7 +135,11 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     return this.#options.sessionTimeoutMs
   }
 
-  async create (options: { idleTimeoutMs?: number } = {}): Promise<SessionInfo> {
+  /**
+   * Starts a session. `client` (the caller's address) puts it in that client's
+   * budget of maxSessionsPerClient, so one client cannot hold every slot.
+   */
+  async create (options: { idleTimeoutMs?: number, client?: string } = {}): Promise<SessionInfo> {
     if (this.#closed) throw shuttingDown()
     const idleTimeoutMs = options.idleTimeoutMs ?? this.#options.sessionTimeoutMs
     if (idleTimeoutMs > this.#options.maxSessionTimeoutMs) {
@@ -139,14 +152,24 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
         `The server already runs its maximum of ${this.#options.maxSessions} sessions (MAX_SESSIONS): end one or try again later`,
         { retryAfterSeconds: 30 })
     }
+    const client = options.client === undefined ? null : this.#clientSlot(options.client)
+    if (client !== null && client.count >= this.#options.maxSessionsPerClient) {
+      throw new AgentSessionError('CLIENT_SESSION_LIMIT_REACHED',
+        `This client already holds its maximum of ${this.#options.maxSessionsPerClient} sessions (MAX_SESSIONS_PER_CLIENT): ` +
+        'end one or try again later', { retryAfterSeconds: 30 })
+    }
     this.#starting++
+    if (client !== null) client.count++
     let chatId: string
     try {
       chatId = await this.#track(this.#runner.createChat({ timeoutMs: this.#options.askTimeoutMs, signal: this.#shutdown.signal }))
+      if (this.#closed) throw shuttingDown()
+    } catch (err) {
+      if (client !== null) this.#releaseClient(client)
+      throw err
     } finally {
       this.#starting--
     }
-    if (this.#closed) throw shuttingDown()
 
     const now = this.#now()
     const session: Session = {
@@ -158,7 +181,8 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       lastActivity: now,
       turn: null,
       settling: null,
-      history: null
+      history: null,
+      client
     }
     this.#sessions.set(session.id, session)
     const info = toInfo(session)
@@ -235,6 +259,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     const now = this.#now()
     const idleMs = session.state === 'busy' ? 0 : now - session.lastActivity
     this.#sessions.delete(sessionId)
+    if (session.client !== null) this.#releaseClient(session.client)
     session.state = 'closing'
     this.#rememberEnded(sessionId, { reason, idleMs, endedAt: now })
     session.turn?.abort(reason === 'shutdown'
@@ -336,6 +361,20 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
   /** Why a recently ended id is gone, while it is remembered. */
   endedReason (sessionId: string): SessionEndReason | undefined {
     return this.#endedRecord(sessionId)?.reason
+  }
+
+  #clientSlot (key: string): ClientSlot {
+    let slot = this.#clients.get(key)
+    if (slot === undefined) {
+      slot = { key, count: 0 }
+      this.#clients.set(key, slot)
+    }
+    return slot
+  }
+
+  #releaseClient (slot: ClientSlot): void {
+    slot.count--
+    if (slot.count <= 0) this.#clients.delete(slot.key)
   }
 
   #active (sessionId: string): Session {
