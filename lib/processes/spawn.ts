@@ -14,10 +14,11 @@ export interface SpawnGroupOptions {
   /** Written to stdin, which is then closed; omit to keep stdin open as a pipe. */
   input?: string
   /**
-   * The OS user to run as (see lib/processes/agent-user.ts; the caller checked
-   * that this process may switch to it). Its supplementary groups are dropped.
+   * The OS user to run as: the configured AGENT_USER (resolved and checked at
+   * start-up, see lib/processes/agent-user.ts), or undefined for the service's
+   * own user. Required, so that no driver forgets it. Supplementary groups are dropped.
    */
-  user?: Pick<AgentUser, 'uid' | 'gid'>
+  user: Pick<AgentUser, 'uid' | 'gid'> | undefined
 }
 
 export type GroupProcess = ResultPromise<{ detached: true, buffer: false, encoding: 'utf8', reject: false }>
