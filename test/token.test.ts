@@ -4,10 +4,23 @@
 // or undefined, stops start-up instead of leaving the API open.
 
 import t from 'tap'
+import { spawn } from 'node:child_process'
 import { chmodSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { build, sandbox } from './helpers/index.js'
+import { build, ROOT, sandbox } from './helpers/index.js'
+
+const SERVER = join(ROOT, 'dist', 'server.js')
+
+// The server must not inherit tap's loader hooks, nor a token from whoever runs the tests.
+function cleanEnv (extra: Record<string, string>): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = {}
+  for (const [key, value] of Object.entries(process.env)) {
+    if (key === 'NODE_OPTIONS' || key.startsWith('TAP') || key.startsWith('_TAPJS') || key.startsWith('API_TOKEN')) continue
+    env[key] = value
+  }
+  return { ...env, ...extra }
+}
 
 const TOKEN = 'file-token-0123456789abcdef'
 
@@ -104,4 +117,16 @@ t.test('a blank API_TOKEN, or an apiToken option present but empty or undefined,
   delete process.env.API_TOKEN
   const open = await build(t, box)
   t.equal(open.agentSessionsConfig.apiToken, undefined, 'unset (not blank) means no token')
+})
+
+t.test('the built server: a blank API_TOKEN stops it instead of leaving the API open', async (t) => {
+  for (const value of ['', '   ']) {
+    const proc = spawn(process.execPath, [SERVER], { cwd: ROOT, env: cleanEnv({ PORT: '0', API_TOKEN: value }), stdio: ['ignore', 'pipe', 'pipe'] })
+    let output = ''
+    proc.stdout.on('data', (chunk: Buffer) => { output += String(chunk) })
+    proc.stderr.on('data', (chunk: Buffer) => { output += String(chunk) })
+    t.equal(await new Promise((resolve) => proc.once('exit', resolve)), 1, `API_TOKEN=${JSON.stringify(value)}`)
+    t.match(output, /API_TOKEN \(option apiToken\) must be non-empty when set \(unset it for none\)/)
+    t.notMatch(output, /Server listening/)
+  }
 })
