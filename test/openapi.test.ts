@@ -9,13 +9,14 @@ type Doc = any
 const ERROR_REF = '#/components/schemas/AgentSessionsError'
 
 // What each route can answer: its own errors plus those the HTTP glue gives
-// any route (500, 503 while closing; 400/413/415 for a body).
+// any route (408 and 431 from the server before routing, 500, 503 while
+// closing; 400/413/415 for a body).
 const ROUTES = {
-  'POST /api/session/start': [200, 400, 401, 413, 415, 429, 500, 502, 503, 504],
-  'POST /api/ask': [200, 400, 401, 404, 409, 413, 415, 429, 500, 502, 503, 504],
-  'POST /api/heartbeat': [200, 400, 401, 404, 500, 503],
-  'POST /api/session/end': [200, 400, 401, 404, 500, 503],
-  'GET /api/health': [200, 500, 503]
+  'POST /api/session/start': [200, 400, 401, 408, 413, 415, 429, 431, 500, 502, 503, 504],
+  'POST /api/ask': [200, 400, 401, 404, 408, 409, 413, 415, 429, 431, 500, 502, 503, 504],
+  'POST /api/heartbeat': [200, 400, 401, 404, 408, 431, 500, 503],
+  'POST /api/session/end': [200, 400, 401, 404, 408, 431, 500, 503],
+  'GET /api/health': [200, 408, 431, 500, 503]
 } as const
 
 function operation (doc: Doc, route: string): Doc {

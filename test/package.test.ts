@@ -105,7 +105,7 @@ const docs = await host.inject({ method: 'GET', url: '/agent/documentation/json'
 console.log(JSON.stringify({ status: res.statusCode, body: res.json(), paths: Object.keys(docs.json().paths) }))
 await host.close()
 `)
-  const embedded = await run(process.execPath, ['host.mjs', SIMULATOR], { cwd: consumer, env: cleanEnv({ FAKE_AGENT_STATE_DIR: box.stateDir }), timeout: 60_000 })
+  const embedded = await run(process.execPath, ['host.mjs', SIMULATOR], { cwd: consumer, env: cleanEnv({ FAKE_AGENT_STATE_DIR: box.stateDir, AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR' }), timeout: 60_000 })
   const hosted = JSON.parse(embedded.stdout.trim().split('\n').pop()!)
   t.equal(hosted.status, 200, 'a host app imports and registers the installed package')
   t.equal(hosted.body.agent.available, true)
@@ -140,7 +140,7 @@ await host.register(agentSessions, { sessionTimeout: true })
 
   // The standalone server, from the installed package.
   const { server, url, exited, output } = await startServer(t, consumer, [process.execPath, join('node_modules', 'fastify-agent-sessions', 'dist', 'server.js')],
-    { WORKSPACE_DIR: consumer, FAKE_AGENT_STATE_DIR: box.stateDir })
+    { WORKSPACE_DIR: consumer, FAKE_AGENT_STATE_DIR: box.stateDir, AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR' })
 
   const health = await fetch(`${url}/api/health`)
   t.equal(health.status, 200)

@@ -79,6 +79,8 @@ export type HibernateReason = 'idle' | 'capacity' | 'shutdown'
 export interface SessionManagerOptions {
   driver: AgentDriver
   maxSessions: number
+  /** Sessions one client may hold at once (starts in progress count); only creates that name a client are counted. */
+  maxSessionsPerClient?: number
   sessionTimeoutMs: number
   maxSessionTimeoutMs: number
   askTimeoutMs: number
@@ -128,7 +130,12 @@ interface Session {
   history: TurnRecord[] | null
   /** Warns the session's subscribers before the reaper would end it; set only while someone listens. */
   expiryTimer: NodeJS.Timeout | null
+  /** Whose per-client budget the session counts against; null when created without a client. */
+  readonly client: ClientSlot | null
 }
+
+/** One client's count of sessions (and starts in progress); shared by its sessions. */
+interface ClientSlot { readonly key: string, count: number }
 
 interface EndedRecord { reason: SessionEndReason, idleMs: number, endedAt: number }
 
@@ -138,6 +145,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
   readonly #sessions = new Map<string, Session>()
   readonly #ended = new Map<string, EndedRecord>()
   readonly #closing = new Map<string, Promise<EndReport>>()
+  readonly #clients = new Map<string, ClientSlot>()
   readonly #shutdown = new AbortController()
   readonly #events = new SessionEvents()
   readonly #permissions: PendingPermissions
@@ -163,6 +171,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     this.#log = options.log ?? silentLogger
     this.#options = {
       maxSessions: options.maxSessions,
+      maxSessionsPerClient: options.maxSessionsPerClient ?? Number.POSITIVE_INFINITY,
       sessionTimeoutMs: options.sessionTimeoutMs,
       maxSessionTimeoutMs: options.maxSessionTimeoutMs,
       askTimeoutMs: options.askTimeoutMs,
@@ -199,7 +208,11 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     return this.#driver
   }
 
-  async create (options: { idleTimeoutMs?: number } = {}): Promise<SessionInfo> {
+  /**
+   * Starts a session. `client` (the caller's address) puts it in that client's
+   * budget of maxSessionsPerClient, so one client cannot hold every slot.
+   */
+  async create (options: { idleTimeoutMs?: number, client?: string } = {}): Promise<SessionInfo> {
     if (this.#closed) throw shuttingDown()
     const idleTimeoutMs = options.idleTimeoutMs ?? this.#options.sessionTimeoutMs
     if (idleTimeoutMs > this.#options.maxSessionTimeoutMs) {
@@ -212,15 +225,26 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
         `The server already runs its maximum of ${this.#options.maxSessions} sessions (MAX_SESSIONS): end one or try again later`,
         { retryAfterSeconds: 30 })
     }
+    const client = options.client === undefined ? null : this.#clientSlot(options.client)
+    if (client !== null && client.count >= this.#options.maxSessionsPerClient) {
+      throw new AgentSessionError('CLIENT_SESSION_LIMIT_REACHED',
+        `This client already holds its maximum of ${this.#options.maxSessionsPerClient} sessions (MAX_SESSIONS_PER_CLIENT): ` +
+        'end one or try again later', { retryAfterSeconds: 30 })
+    }
     this.#starting++
+    if (client !== null) client.count++
     let conversation: AgentConversation
     try {
       conversation = await this.#withLiveSlot(this.#shutdown.signal,
         async () => await this.#driver.open({ timeoutMs: this.#options.startTimeoutMs, signal: this.#shutdown.signal }))
+    } catch (err) {
+      if (client !== null) this.#releaseClient(client)
+      throw err
     } finally {
       this.#starting--
     }
     if (this.#closed) {
+      if (client !== null) this.#releaseClient(client)
       void conversation.close()
       throw shuttingDown()
     }
@@ -239,7 +263,8 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       turn: null,
       cancelRequested: false,
       history: null,
-      expiryTimer: null
+      expiryTimer: null,
+      client
     }
     this.#sessions.set(session.id, session)
     this.#watch(session, conversation)
@@ -387,6 +412,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     const now = this.#now()
     const idleMs = session.state === 'busy' ? 0 : now - session.lastActivity
     this.#sessions.delete(sessionId)
+    if (session.client !== null) this.#releaseClient(session.client)
     this.#setState(session, 'closing')
     this.#clearExpiryWarning(session)
     this.#events.publish(sessionId, { type: 'ended', reason })
@@ -520,7 +546,8 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
         turn: null,
         cancelRequested: false,
         history: stored.history.length === 0 ? null : stored.history.slice(-this.#options.maxHistory),
-        expiryTimer: null
+        expiryTimer: null,
+        client: stored.client === undefined ? null : this.#countClient(stored.client)
       })
     }
     this.#log.info({ sessions: snapshot.sessions.length, ended: snapshot.ended.length }, 'sessions restored from the store')
@@ -717,7 +744,8 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       lastActivity: session.lastActivity,
       lastTurnEndedAt: session.lastTurnEndedAt,
       idleTimeoutMs: session.idleTimeoutMs,
-      history: session.history ?? []
+      history: session.history ?? [],
+      ...(session.client === null ? {} : { client: session.client.key })
     }
   }
 
@@ -750,6 +778,26 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     if (session.expiryTimer === null) return
     clearTimeout(session.expiryTimer)
     session.expiryTimer = null
+  }
+
+  #clientSlot (key: string): ClientSlot {
+    let slot = this.#clients.get(key)
+    if (slot === undefined) {
+      slot = { key, count: 0 }
+      this.#clients.set(key, slot)
+    }
+    return slot
+  }
+
+  #countClient (key: string): ClientSlot {
+    const slot = this.#clientSlot(key)
+    slot.count++
+    return slot
+  }
+
+  #releaseClient (slot: ClientSlot): void {
+    slot.count--
+    if (slot.count <= 0) this.#clients.delete(slot.key)
   }
 
   #active (sessionId: string): Session {
