@@ -20,6 +20,12 @@ export interface SessionManagerPluginOptions {
   agentEnv?: Record<string, string>
   /** A different agent driver (tests, benchmarks, a long-lived ACP driver). */
   runner?: AgentRunner
+  /**
+   * Wraps the agent driver (the configured one, or `runner`). For tests: a
+   * test that makes one turn time out gives every other call a timeout of its
+   * own, so the machine's speed cannot decide the rest.
+   */
+  wrapRunner?: (runner: AgentRunner) => AgentRunner
   /** Clock in epoch milliseconds; injectable for tests. */
   now?: () => number
 }
@@ -27,7 +33,7 @@ export interface SessionManagerPluginOptions {
 async function sessionManagerPlugin (fastify: FastifyInstance, options: SessionManagerPluginOptions): Promise<void> {
   const config = fastify.agentSessionsConfig
   const log = fastify.log.child({ component: 'agent-sessions' })
-  const runner = options.runner ?? new CursorAgentRunner({
+  const configured = options.runner ?? new CursorAgentRunner({
     bin: config.cursorAgentBin,
     workspaceDir: config.workspaceDir,
     env: agentEnvironment(process.env, SERVICE_ENV_NAMES, options.agentEnv),
@@ -39,6 +45,7 @@ async function sessionManagerPlugin (fastify: FastifyInstance, options: SessionM
     maxOutputBytes: config.maxAnswerBytes,
     log
   })
+  const runner = options.wrapRunner?.(configured) ?? configured
   fastify.decorate('agentSessions', new SessionManager({
     runner,
     maxSessions: config.maxSessions,

@@ -3,9 +3,14 @@
 // JSON error, the session stays usable, and every recorded pid is gone.
 
 import t from 'tap'
-import { agentWrapper, ask, build, RUN_SIMULATOR, sandbox, startSession, waitForGone, type BuildOptions } from './helpers/index.js'
+import { AGENT_CALL_TIMEOUT_MS, agentWrapper, ask, build, EVENT_TIMEOUT_MS, onlyTheseTurnsTimeOut, RUN_SIMULATOR, sandbox, sleep, startSession, waitForGone, type BuildOptions } from './helpers/index.js'
 
 const KILL_GRACE_MS = 1000
+// Elapsed-time claims ("gone within KILL_GRACE", "answered near ASK_TIMEOUT")
+// get this much slack on top: room for a loaded machine, yet far from the
+// failures they catch (a process left running, an answer held until the
+// timeout of every other agent call, AGENT_CALL_TIMEOUT_MS).
+const SLACK_MS = 9000
 
 t.test('start fails cleanly, creating no session', async (t) => {
   const cases: Array<{ name: string, options: BuildOptions, status: number, code: string, details: RegExp }> = [
@@ -22,7 +27,7 @@ t.test('start fails cleanly, creating no session', async (t) => {
     t.equal(res.json().error, c.code, c.name)
     t.match(res.json().details, c.details, c.name)
     t.same(app.agentSessions.counts(), { active: 0, busy: 0, starting: 0, closing: 0 }, `${c.name}: no session`)
-    t.same(await waitForGone(box.pids().map((p) => p.pid), 2000), [], `${c.name}: no process left`)
+    t.same(await waitForGone(box.pids().map((p) => p.pid)), [], `${c.name}: no process left`)
   }
 })
 
@@ -38,7 +43,8 @@ t.test('a failed turn is classified from stderr and leaves the session usable', 
     { fault: 'unknown-chat', status: 502, code: 'AGENT_CHAT_NOT_FOUND', details: /chat/ },
     { fault: 'exit-1', status: 502, code: 'PROCESS_COMMUNICATION_FAILED', details: /Something unexpected happened \(code 17\)/ },
     { fault: 'crash-mid-stream', status: 502, code: 'PROCESS_COMMUNICATION_FAILED', details: /Connection lost/ },
-    // The process exits before its stderr arrives: we still wait (briefly) for it.
+    // The process exits before its stderr arrives (a child writes it right
+    // after the exit): we still wait, briefly, for it.
     { fault: 'late-stderr', status: 502, code: 'AGENT_NOT_AUTHENTICATED', details: /cursor-agent login/ }
   ]
   for (const c of cases) {
@@ -50,7 +56,7 @@ t.test('a failed turn is classified from stderr and leaves the session usable', 
     const ok = await ask(app, id, `after ${c.fault}`)
     t.equal(ok.statusCode, 200, `${c.fault}: the session still answers`)
   }
-  t.same(await waitForGone(box.pids().map((p) => p.pid), 2000), [], 'no process left')
+  t.same(await waitForGone(box.pids().map((p) => p.pid)), [], 'no process left')
 })
 
 t.test('an unknown model is reported as such', async (t) => {
@@ -73,8 +79,8 @@ t.test('a turn that hangs after its result still answers; its processes go withi
     t.equal(res.statusCode, 200, faults)
     t.equal(res.json().answer, 'Answer 1: you asked "hang"')
     const turnPids = box.pids().map((p) => p.pid)
-    t.same(await waitForGone(turnPids, KILL_GRACE_MS + 1000), [], `${faults}: all gone`)
-    t.ok(Date.now() - answeredAt <= KILL_GRACE_MS + 1000, `${faults}: gone ${Date.now() - answeredAt} ms after the result`)
+    t.same(await waitForGone(turnPids), [], `${faults}: all gone`)
+    t.ok(Date.now() - answeredAt <= KILL_GRACE_MS + SLACK_MS, `${faults}: gone ${Date.now() - answeredAt} ms after the result (KILL_GRACE ${KILL_GRACE_MS} ms)`)
     const next = await ask(app, id, 'next')
     t.equal(next.statusCode, 200, 'the next turn runs once the hung one is gone')
   }
@@ -82,17 +88,20 @@ t.test('a turn that hangs after its result still answers; its processes go withi
 
 t.test('a stalled turn answers 504 near ASK_TIMEOUT and leaves no process, even ignoring SIGTERM with a grandchild', async (t) => {
   const box = sandbox(t)
-  const app = await build(t, box, { askTimeout: '1500ms' })
+  const askTimeoutMs = 1500
+  // ASK_TIMEOUT is short for the stalled turn only: the start and the turn after it have time.
+  const app = await build(t, box, { askTimeout: askTimeoutMs, wrapRunner: onlyTheseTurnsTimeOut((prompt) => prompt.startsWith('stall')) })
   const id = await startSession(app)
   const started = Date.now()
   const res = await ask(app, id, 'stall [[fault:stall]] [[fault:ignore-sigterm]] [[fault:grandchild]]')
   const elapsed = Date.now() - started
   t.equal(res.statusCode, 504, res.body)
   t.equal(res.json().error, 'REQUEST_TIMEOUT')
-  t.ok(elapsed >= 1400 && elapsed < 1500 + 3000, `answered after ${elapsed} ms`)
+  t.match(res.json().details, /1500ms/, 'the timeout is ASK_TIMEOUT')
+  t.ok(elapsed >= askTimeoutMs - 100 && elapsed < askTimeoutMs + SLACK_MS, `answered after ${elapsed} ms (ASK_TIMEOUT ${askTimeoutMs} ms)`)
   const pids = box.pids()
   t.ok(pids.some((p) => p.role === 'grandchild'), 'the grandchild was started')
-  t.same(await waitForGone(pids.map((p) => p.pid), KILL_GRACE_MS + 1000), [], 'turn, grandchild all gone')
+  t.same(await waitForGone(pids.map((p) => p.pid)), [], 'turn, grandchild all gone')
   t.equal((await ask(app, id, 'again')).statusCode, 200, 'the session still answers')
 })
 
@@ -100,14 +109,13 @@ t.test('a worker-server child holding stdout open does not hold the answer, and 
   const box = sandbox(t)
   const app = await build(t, box)
   const id = await startSession(app)
-  const started = Date.now()
+  // The worker never exits by itself: an answer held until its pipes close would be a 504 at ASK_TIMEOUT.
   const res = await ask(app, id, 'with a worker [[fault:worker-server]]')
   t.equal(res.statusCode, 200)
   t.equal(res.json().answer, 'Answer 1: you asked "with a worker"')
-  t.ok(Date.now() - started < 5000)
   const worker = box.pids().find((p) => p.role === 'worker-server')
   t.ok(worker, 'a worker-server was started')
-  t.same(await waitForGone([worker!.pid], KILL_GRACE_MS + 1000), [], 'the worker is gone')
+  t.same(await waitForGone([worker!.pid]), [], 'the worker is gone')
 })
 
 t.test('noisy, garbled and enormous output', async (t) => {
@@ -127,7 +135,7 @@ t.test('noisy, garbled and enormous output', async (t) => {
   const answer: string = big.json().answer
   t.equal(answer.length, 3_000_000)
   t.ok(answer.startsWith('BIG-START') && answer.endsWith('BIG-END'))
-  t.same(await waitForGone(box.pids().map((p) => p.pid), 2000), [])
+  t.same(await waitForGone(box.pids().map((p) => p.pid)), [])
 })
 
 t.test('output past MAX_ANSWER_BYTES is cut off with a clear error', async (t) => {
@@ -138,7 +146,7 @@ t.test('output past MAX_ANSWER_BYTES is cut off with a clear error', async (t) =
   t.equal(res.statusCode, 502)
   t.equal(res.json().error, 'PROCESS_COMMUNICATION_FAILED')
   t.match(res.json().details, /100000 bytes/)
-  t.same(await waitForGone(box.pids().map((p) => p.pid), 2000), [])
+  t.same(await waitForGone(box.pids().map((p) => p.pid)), [])
   t.equal((await ask(app, id, 'small')).statusCode, 200)
 })
 
@@ -182,7 +190,7 @@ printf '%s' "$input" | ${RUN_SIMULATOR}`).bin
 t.test('turns that end without a usable answer give a clear JSON error, leave no process and the session answers again', async (t) => {
   const { isGroupAlive } = await import('../lib/processes/terminate.js')
   const box = sandbox(t)
-  const app = await build(t, box, { cursorAgentBin: misbehavingAgent(t), maxAnswerBytes: 1_000_000, askTimeout: '20s' })
+  const app = await build(t, box, { cursorAgentBin: misbehavingAgent(t), maxAnswerBytes: 1_000_000 })
   const id = await startSession(app)
   const cases: Array<{ marker: string, status: number, code: string, details: RegExp }> = [
     { marker: 'PLAIN-ONLY', status: 502, code: 'PROCESS_COMMUNICATION_FAILED', details: /exited with code 0 without an answer/ },
@@ -204,14 +212,15 @@ t.test('turns that end without a usable answer give a clear JSON error, leave no
     t.equal(res.json().error, c.code, c.marker)
     t.match(res.json().details, c.details, c.marker)
     t.ok(res.json().details.length < 1200, `${c.marker}: details bounded (${res.json().details.length} chars)`)
-    t.ok(Date.now() - started < 15_000, `${c.marker}: answered in ${Date.now() - started} ms, not at ASK_TIMEOUT`)
+    // ASK_TIMEOUT here is the helper's AGENT_CALL_TIMEOUT_MS: the answer must come from the agent's end, not from it.
+    t.ok(Date.now() - started < AGENT_CALL_TIMEOUT_MS / 2, `${c.marker}: answered in ${Date.now() - started} ms, not at ASK_TIMEOUT`)
     const turnPids = box.pids().map((p) => p.pid).filter((pid) => !before.has(pid))
     t.ok(turnPids.length >= 1, `${c.marker}: the turn was recorded`)
-    t.same(await waitForGone(turnPids, KILL_GRACE_MS + 2000), [], `${c.marker}: its process is gone`)
+    t.same(await waitForGone(turnPids), [], `${c.marker}: its process is gone`)
     // The wrapper's pid leads the group: yes, tr, head and the rest of it must be gone too.
     for (const pid of turnPids) {
-      const deadline = Date.now() + KILL_GRACE_MS + 2000
-      while (isGroupAlive(pid) && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 25))
+      const deadline = Date.now() + EVENT_TIMEOUT_MS
+      while (isGroupAlive(pid) && Date.now() < deadline) await sleep(25)
       t.notOk(isGroupAlive(pid), `${c.marker}: nothing left in group ${pid}`)
     }
     const next = await ask(app, id, 'and now a normal question')
@@ -221,7 +230,7 @@ t.test('turns that end without a usable answer give a clear JSON error, leave no
   const unterminated = await ask(app, id, 'NO-TRAILING-NEWLINE')
   t.equal(unterminated.statusCode, 200, 'a result line without its newline still answers')
   t.equal(unterminated.json().answer, 'no newline at the end')
-  t.same(await waitForGone(box.pids().map((p) => p.pid), 3000), [], 'no process left')
+  t.same(await waitForGone(box.pids().map((p) => p.pid)), [], 'no process left')
 })
 
 t.test('create-chat that prints nothing, dies of a signal or stalls: no session, no process', async (t) => {
@@ -239,7 +248,7 @@ t.test('create-chat that prints nothing, dies of a signal or stalls: no session,
     t.equal(res.json().error, c.code, c.name)
     t.match(res.json().details, c.details, c.name)
     t.same(app.agentSessions.counts(), { active: 0, busy: 0, starting: 0, closing: 0 }, `${c.name}: no session`)
-    t.same(await waitForGone(box.pids().map((p) => p.pid), KILL_GRACE_MS + 2000), [], `${c.name}: no process left`)
+    t.same(await waitForGone(box.pids().map((p) => p.pid)), [], `${c.name}: no process left`)
   }
 })
 
@@ -259,5 +268,5 @@ t.test('the agent binary coming back after it disappeared: the same session answ
   const back = await ask(app, id, 'show the history')
   t.equal(back.statusCode, 200)
   t.equal(back.json().answer, 'This chat has 1 earlier questions: first', 'the same chat goes on')
-  t.same(await waitForGone(box.pids().map((p) => p.pid), 3000), [])
+  t.same(await waitForGone(box.pids().map((p) => p.pid)), [])
 })

@@ -7,7 +7,7 @@ import { Sweeper } from '../lib/sessions/sweeper.js'
 import { AgentSessionError } from '../lib/errors.js'
 import type { Logger } from '../lib/logger.js'
 import { FakeRunner } from './helpers/fake-runner.js'
-import { waitFor } from './helpers/index.js'
+import { sleep, waitFor } from './helpers/index.js'
 
 const MINUTE = 60_000
 
@@ -247,10 +247,11 @@ t.test('sweeper', async (t) => {
       }
     })
     sweeper.start()
-    await new Promise((resolve) => setTimeout(resolve, 400))
+    // Counted, not timed: however late the timers fire, four sweeps must come, the failed second one included.
+    await waitFor(() => calls >= 4 && running === 0, 'four sweeps')
     await sweeper.stop()
     const after = calls
-    await new Promise((resolve) => setTimeout(resolve, 100))
+    await sleep(100)
     t.equal(maxRunning, 1, 'never two sweeps at once')
     t.ok(calls >= 4, `kept sweeping after a failure (${calls} sweeps)`)
     t.equal(calls, after, 'no sweep after stop()')
@@ -260,19 +261,28 @@ t.test('sweeper', async (t) => {
   })
 
   t.test('stop() waits for the sweep in progress', async (t) => {
+    let started = false
     let finished = false
+    let release!: () => void
+    const gate = new Promise<void>((resolve) => { release = resolve })
     const sweeper = new Sweeper({
       intervalMs: 5,
       sweep: async () => {
-        await new Promise((resolve) => setTimeout(resolve, 100))
+        started = true
+        await gate
         finished = true
         return { checked: 0, reaped: [], failed: 0, durationMs: 100 }
       }
     })
     sweeper.start()
-    await new Promise((resolve) => setTimeout(resolve, 30))
-    await sweeper.stop()
-    t.ok(finished)
+    await waitFor(() => started, 'a sweep to start')
+    let stopped = false
+    const stopping = sweeper.stop().then(() => { stopped = true })
+    await sleep(50)
+    t.notOk(stopped, 'stop() is still waiting while the sweep runs')
+    release()
+    await stopping
+    t.ok(finished, 'stop() returned after the sweep')
   })
 })
 
@@ -288,7 +298,7 @@ t.test('each session keeps a bounded conversation log of its answered turns', as
     const asking = manager.ask(s.id, `q${n}`)
     clock.now += 10
     // The turn starts once the previous one has settled (a microtask later).
-    await waitFor(() => runner.turns.length === n, 1000, `turn ${n}`)
+    await waitFor(() => runner.turns.length === n, `turn ${n}`)
     runner.turns[n - 1].answer(`a${n}`)
     runner.turns[n - 1].finish()
     await asking
@@ -300,7 +310,7 @@ t.test('each session keeps a bounded conversation log of its answered turns', as
     { role: 'assistant', content: 'a3', timestamp: 1_030 }
   ], 'oldest entries dropped past maxHistory')
   const failing = manager.ask(s.id, 'q4')
-  await waitFor(() => runner.turns.length === 4, 1000, 'turn 4')
+  await waitFor(() => runner.turns.length === 4, 'turn 4')
   runner.turns[3].fail(new AgentSessionError('PROCESS_COMMUNICATION_FAILED', 'boom'))
   runner.turns[3].finish()
   await t.rejects(failing)
