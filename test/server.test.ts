@@ -148,7 +148,10 @@ t.test('a bad setting stops start-up with a message naming the variable', async 
     { env: { SESSION_TIMEOUT: 'soon' }, message: /SESSION_TIMEOUT .*duration/ },
     { env: { MAX_SESSIONS: '0' }, message: /MAX_SESSIONS .*at least 1/ },
     { env: { KILL_SIGNAL: 'SIGSTOP' }, message: /KILL_SIGNAL .*one of SIGTERM/ },
-    { env: { WORKSPACE_DIR: '/nonexistent/dir' }, message: /WORKSPACE_DIR .*existing directory/ }
+    { env: { WORKSPACE_DIR: '/nonexistent/dir' }, message: /WORKSPACE_DIR .*existing directory/ },
+    // Server-only settings have no plugin option to name.
+    { env: { PORT: '80a' }, message: /^Invalid configuration: PORT must be a whole number, got "80a"$/m },
+    { env: { LOG_LEVEL: 'loud' }, message: /^Invalid configuration: LOG_LEVEL must be one of fatal, .*, got "loud"$/m }
   ]
   for (const c of cases) {
     const proc = spawn(process.execPath, [SERVER], { cwd: ROOT, env: cleanEnv({ PORT: '0', ...c.env }), stdio: ['ignore', 'pipe', 'pipe'] })
