@@ -33,9 +33,13 @@ const askRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       throw new AgentSessionError('PAYLOAD_TOO_LARGE', `question is ${size} bytes; the limit is ${maxQuestionBytes} (MAX_QUESTION_BYTES)`)
     }
     const sessionId = request.query.session_id
-    request.log.info({ sessionId, questionBytes: size }, 'question received')
-    request.log.debug({ sessionId, question }, 'question text')
-    const { answer, durationMs } = await manager.ask(sessionId, question)
+    const { answer, durationMs } = await manager.ask(sessionId, question, {
+      // Once the session took it: an ask refused as unknown, ended or busy is not a question received.
+      onAccepted: () => {
+        request.log.info({ sessionId, questionBytes: size }, 'question received')
+        request.log.debug({ sessionId, question }, 'question text')
+      }
+    })
     request.log.info({ sessionId, answerBytes: Buffer.byteLength(answer), turnMs: durationMs }, 'question answered')
     request.log.debug({ sessionId, answer }, 'answer text')
     return { answer, session_id: sessionId }

@@ -182,7 +182,11 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     return [...(this.#active(sessionId).history ?? [])]
   }
 
-  async ask (sessionId: string, question: string): Promise<{ answer: string, durationMs: number }> {
+  /**
+   * One turn. `onAccepted` runs once the session took the question (it exists
+   * and was not busy), before the agent runs: where the caller logs it.
+   */
+  async ask (sessionId: string, question: string, options: { onAccepted?: () => void } = {}): Promise<{ answer: string, durationMs: number }> {
     const session = this.#active(sessionId)
     if (session.state === 'busy') {
       throw new AgentSessionError('SESSION_BUSY', 'This session is already answering a question: wait for it, then ask again',
@@ -194,6 +198,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     session.lastActivity = this.#now()
     const started = performance.now()
     try {
+      options.onAccepted?.()
       // The previous turn answered but may still be tearing down; never run
       // two agent processes on one chat.
       if (session.settling !== null) await session.settling
