@@ -54,15 +54,17 @@ t.test('an abandoned session is reaped between timeout and timeout + interval, t
 
 t.test('a session kept alive by heartbeats survives several timeouts', async (t) => {
   const box = sandbox(t)
-  const app = await build(t, box, SHORT)
+  const timeoutMs = 2000
+  const app = await build(t, box, { sessionTimeout: timeoutMs, cleanupInterval: INTERVAL_MS })
   const id = await startSession(app)
   const sweepsBefore = app.agentSessionsReaper.stats().sweeps
-  const until = Date.now() + 3.5 * TIMEOUT_MS
-  // A heartbeat every tenth of the timeout: only a 10x stall of this process could let it lapse.
+  const until = Date.now() + 3.5 * timeoutMs
+  // A heartbeat every 100 ms: only an event-loop stall of most of the
+  // timeout (20x the heartbeat period) could let the session lapse.
   while (Date.now() < until) {
     const res = await app.inject({ method: 'POST', url: `/api/heartbeat?session_id=${id}` })
     t.equal(res.statusCode, 200)
-    await sleep(TIMEOUT_MS / 10)
+    await sleep(100)
   }
   t.ok(app.agentSessionsReaper.stats().sweeps > sweepsBefore, 'the reaper swept meanwhile')
   t.equal((await ask(app, id, 'still here')).statusCode, 200)
