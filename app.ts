@@ -10,6 +10,8 @@ import authPlugin from './plugins/auth.js'
 import rateLimitPlugin from './plugins/rate-limit.js'
 import sessionRoutes from './routes/sessions.js'
 import askRoutes from './routes/ask.js'
+import sessionStreamRoutes from './routes/session-stream.js'
+import ssePlugin from './plugins/sse.js'
 import healthRoutes from './routes/health.js'
 import docsPlugin from './plugins/docs.js'
 import corsPlugin from './plugins/cors.js'
@@ -23,8 +25,9 @@ import './plugins/config.js'
 import './plugins/reaper.js'
 import './plugins/docs.js'
 import './plugins/metrics.js'
+import './plugins/sse.js'
 
-/** Plugin options: every setting of the configuration table in camelCase (they win over the environment), plus agentEnv, runner and now. */
+/** Plugin options: every setting of the configuration table in camelCase (they win over the environment), plus agentEnv, driver and now. */
 export interface AgentSessionsOptions extends AgentSessionsSettings, SessionManagerPluginOptions {}
 
 /**
@@ -48,8 +51,11 @@ const agentSessions: FastifyPluginAsync<AgentSessionsOptions> = async (fastify, 
   // Before every route: @fastify/swagger collects routes as they are added.
   await fastify.register(docsPlugin)
   await fastify.register(metricsPlugin)
+  // Before the streaming routes: it wraps the routes that declare `sse`.
+  await fastify.register(ssePlugin)
   await fastify.register(sessionRoutes)
   await fastify.register(askRoutes)
+  await fastify.register(sessionStreamRoutes)
   await fastify.register(healthRoutes)
   await fastify.register(metricsRoutes)
 }
@@ -59,7 +65,10 @@ export { agentSessions }
 export type { AgentSessionsConfig, AgentSessionsSettings } from './lib/config.js'
 export type { SessionManagerPluginOptions } from './plugins/session-manager.js'
 export type { TeardownStageLabel } from './plugins/metrics.js'
-export type { AgentRunner, AgentRun, TurnAnswer, TurnOptions, RunReport } from './lib/agents/types.js'
+export type {
+  AgentDriver, AgentConversation, AgentInfo, AgentExit, ConversationRef, OpenOptions, PromptOptions, ProcessReport,
+  TurnEvent, TurnResult, StopReason, PermissionRequest, PermissionDecision, PermissionOption
+} from './lib/agents/types.js'
 export type { SessionManager, SessionInfo, EndReport, SweepReport, SessionState } from './lib/sessions/manager.js'
 export type { Sweeper, SweeperStats } from './lib/sessions/sweeper.js'
 export type { TeardownReport, TeardownStage } from './lib/processes/terminate.js'

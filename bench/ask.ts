@@ -10,7 +10,7 @@ import { spawn } from 'node:child_process'
 import { Agent, request } from 'node:http'
 import { SERVICE_ENV_NAMES } from '../lib/config.js'
 import { turnArgs } from '../lib/agents/cursor-print.js'
-import type { RunReport } from '../lib/agents/types.js'
+import type { ProcessReport } from '../lib/agents/types.js'
 import { agentEnvironment } from '../lib/processes/environment.js'
 import { fmt, killLeftovers, signed, QUICK, removeDir, round, sandbox, stillRunning, summarize, type BenchResult, serviceApp } from './lib.js'
 
@@ -99,8 +99,8 @@ export async function run (): Promise<BenchResult> {
   })
 
   // The service's turn is over for our purpose once its processes are torn down.
-  let lastTurnGone: Promise<RunReport> = Promise.resolve({ pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } })
-  const nextProcessFinished = (): Promise<RunReport> => new Promise((resolve) => app.agentSessions.once('process-finished', resolve))
+  let lastTurnGone: Promise<ProcessReport> = Promise.resolve({ pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } })
+  const nextProcessFinished = (): Promise<ProcessReport> => new Promise((resolve) => app.agentSessions.once('process-finished', resolve))
 
   try {
     const start = await post('/api/session/start')

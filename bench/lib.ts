@@ -1,5 +1,5 @@
 // Shared pieces of the benchmarks: settings for full and quick mode, statistics,
-// an agent runner that spawns nothing, simulator sandboxes whose pids are checked
+// an agent driver that spawns nothing, simulator sandboxes whose pids are checked
 // afterwards, the load-target server child and an autocannon wrapper.
 //
 // Every benchmark reports its figures against a baseline measured in the same
@@ -15,13 +15,13 @@ import autocannon from 'autocannon'
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
 import type { AgentSessionsOptions } from '../app.js'
 import { liftDecorators, ROOT, SIMULATOR } from '../test/helpers/index.js'
-import type { AgentRunner, RunReport } from '../lib/agents/types.js'
+import type { AgentConversation, AgentDriver, ProcessReport } from '../lib/agents/types.js'
 import { isProcessAlive, signalGroup } from '../lib/processes/terminate.js'
 
 export { ROOT, SIMULATOR }
 
 /**
- * The real app against the simulator (or the given runner), ready, with its
+ * The real app against the simulator (or the given driver), ready, with its
  * decorators lifted so a benchmark can reach the manager and the reaper.
  */
 export async function serviceApp (options: AgentSessionsOptions, fastifyOptions: FastifyServerOptions = {}): Promise<FastifyInstance> {
@@ -118,22 +118,36 @@ export function sleep (ms: number): Promise<void> {
 }
 
 // ---------------------------------------------------------------------------
-// An agent runner that spawns nothing: sessions cost only what the service keeps.
+// An agent driver that spawns nothing: sessions cost only what the service keeps.
 
-const NOTHING_RAN: Promise<RunReport> = Promise.resolve({ pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } })
+const NOTHING_RAN: ProcessReport = { pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } }
 
 // Ids as the service keeps them (flat strings, not randomUUID()'s ropes): the
-// real runner's chat ids are parsed out of create-chat's output (flat), and the
+// real driver's chat ids are parsed out of create-chat's output (flat), and the
 // baselines' ids must cost what the service's cost, or the memory figures
 // would compare ropes with strings.
 export { newSessionId as flatUUID } from '../lib/sessions/manager.js'
 import { newSessionId as flatUUID } from '../lib/sessions/manager.js'
 
-export function idleRunner (): AgentRunner {
+export function idleDriver (): AgentDriver {
+  const conversation = (chatId: string): AgentConversation => ({
+    ref: { protocol: 'cursor', chatId },
+    alive: true,
+    pid: null,
+    prompt: async () => ({ answer: 'ok', stopReason: 'end_turn', durationMs: 0 }),
+    cancel: () => false,
+    suspend: async () => NOTHING_RAN,
+    close: async () => NOTHING_RAN,
+    onExit: () => {}
+  })
   return {
-    createChat: () => ({ result: Promise.resolve(flatUUID()), finished: NOTHING_RAN }),
-    startTurn: () => ({ result: Promise.resolve({ answer: 'ok', durationMs: 0 }), finished: NOTHING_RAN }),
-    version: async () => 'bench-idle-runner'
+    protocol: 'cursor',
+    open: async () => conversation(flatUUID()),
+    resume: async (ref) => conversation(ref.protocol === 'cursor' ? ref.chatId : ref.sessionId),
+    info: async () => ({ protocol: 'cursor', name: 'bench-idle-driver', version: 'bench', available: true, canResume: true }),
+    livePids: () => [],
+    onProcessFinished: () => {},
+    drain: async () => {}
   }
 }
 

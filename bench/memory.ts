@@ -1,10 +1,10 @@
 // 5. Memory per idle session: heap growth over 100,000 sessions (no process
-// behind them: an injected runner) divided by their number, against the heap
+// behind them: an injected driver) divided by their number, against the heap
 // before creating them, with a forced GC on both sides (needs --expose-gc, which
 // bench/run.ts passes). For scale it also measures, in the same process, a bare
 // Map of as many plain { id, lastActivity, idleTimeoutMs } objects.
 
-import { flatUUID, fmt, idleRunner, QUICK, round, type BenchResult, serviceApp } from './lib.js'
+import { flatUUID, fmt, idleDriver, QUICK, round, type BenchResult, serviceApp } from './lib.js'
 
 const TARGET_BYTES = 1024
 
@@ -18,7 +18,7 @@ function settledHeap (): number {
 export async function run (): Promise<BenchResult> {
   const sessions = QUICK ? 10_000 : 100_000
   const app = await serviceApp({
-    runner: idleRunner(),
+    driver: idleDriver(),
     maxSessions: sessions + 10,
     sessionTimeout: '1h',
     cleanupInterval: '1h'

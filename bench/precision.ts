@@ -6,7 +6,7 @@
 // expiry (last activity + idle timeout). Target: never above interval + 50 ms.
 
 import type { EndReport } from '../lib/sessions/manager.js'
-import { fmt, idleRunner, QUICK, round, summarize, type BenchResult, serviceApp } from './lib.js'
+import { fmt, idleDriver, QUICK, round, summarize, type BenchResult, serviceApp } from './lib.js'
 
 const SLACK_MS = 50
 
@@ -17,7 +17,7 @@ export async function run (): Promise<BenchResult> {
   const spreadMs = QUICK ? 600 : 3000
 
   const app = await serviceApp({
-    runner: idleRunner(),
+    driver: idleDriver(),
     maxSessions: count + 10,
     sessionTimeout: '1h',
     cleanupInterval: intervalMs

@@ -1,5 +1,5 @@
 // 4. Reaper cost with 100,000 idle sessions that own no process (an injected
-// runner spawns nothing):
+// driver spawns nothing):
 //   - one sweep's duration, timed sweep by sweep with no load, against the same
 //     check over a plain Map of as many plain objects (the floor of any sweep);
 //   - event-loop delay p99 (perf_hooks.monitorEventLoopDelay, in the server

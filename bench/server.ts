@@ -2,7 +2,7 @@
 // benchmark (bench/lib.ts startServer) so the load generator has its own event
 // loop. Two modes:
 //   service: the real app (as an embedder registers it) with idle sessions that
-//            spawn nothing (injected runner)
+//            spawn nothing (injected driver)
 //   bare:    a bare Fastify app answering the same heartbeat JSON after the same
 //            Map lookup: the baseline
 // It listens on 127.0.0.1, port 0, reports { type: 'ready', port, sessionId }
@@ -10,7 +10,7 @@
 
 import { monitorEventLoopDelay, type IntervalHistogram } from 'node:perf_hooks'
 import Fastify, { type FastifyInstance } from 'fastify'
-import { flatUUID, idleRunner, type ServerConfig, serviceApp } from './lib.js'
+import { flatUUID, idleDriver, type ServerConfig, serviceApp } from './lib.js'
 
 const config = JSON.parse(process.argv[2] ?? '{}') as ServerConfig
 const LOOP_DELAY_RESOLUTION_MS = 1
@@ -43,7 +43,7 @@ async function bareApp (sessions: number): Promise<{ app: FastifyInstance, sessi
 
 async function serviceTarget (sessions: number): Promise<{ app: FastifyInstance, sessionId: string }> {
   const app = await serviceApp({
-    runner: idleRunner(),
+    driver: idleDriver(),
     maxSessions: sessions + 10,
     sessionTimeout: '1h',
     cleanupInterval: config.cleanupIntervalMs

@@ -209,8 +209,8 @@ export async function runSoak (partial: Partial<SoakOptions> = {}): Promise<Soak
     maxSessions: 10_000,
     startRateLimit: 1_000_000,
     agentEnv: { FAKE_AGENT_STATE_DIR: stateDir },
-    // Only stalled turns may time out: create-chat and the other turns get a generous timeout.
-    wrapRunner: onlyTheseTurnsTimeOut((prompt) => prompt.includes('[[fault:stall]]'))
+    // Only stalled turns may time out: the other turns get a generous timeout, starts START_TIMEOUT's 60 s.
+    wrapDriver: onlyTheseTurnsTimeOut((prompt) => prompt.includes('[[fault:stall]]'))
   }
   // A fresh function: fp() marks the function it wraps.
   await app.register(fp(async (instance, opts: AgentSessionsOptions) => { await agentSessions(instance, opts) }), pluginOptions)

@@ -5,8 +5,9 @@
 import { statSync } from 'node:fs'
 import { isIPv4, isIPv6 } from 'node:net'
 import { resolve } from 'node:path'
+import { parse as parseShellWords, quote as quoteShellWords } from 'shell-quote'
 
-type Kind = 'duration' | 'integer' | 'string' | 'boolean' | 'signal' | 'list'
+type Kind = 'duration' | 'integer' | 'string' | 'boolean' | 'signal' | 'list' | 'command'
 
 interface Setting {
   env: string
@@ -25,13 +26,22 @@ export const SETTINGS = [
   { env: 'HOST', option: 'host', kind: 'string', default: '127.0.0.1', serverOnly: true },
   { env: 'LOG_LEVEL', option: 'logLevel', kind: 'string', default: 'info', enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], serverOnly: true },
   { env: 'WORKSPACE_DIR', option: 'workspaceDir', kind: 'string' },
+  { env: 'AGENT_PROTOCOL', option: 'agentProtocol', kind: 'string', default: 'cursor', enum: ['cursor', 'acp'] },
   { env: 'CURSOR_AGENT_BIN', option: 'cursorAgentBin', kind: 'string', default: 'cursor-agent' },
+  { env: 'AGENT_COMMAND', option: 'agentCommand', kind: 'command' },
+  { env: 'AGENT_AUTH_METHOD', option: 'agentAuthMethod', kind: 'string' },
+  { env: 'PERMISSION_POLICY', option: 'permissionPolicy', kind: 'string', default: 'reject', enum: ['reject', 'allow', 'ask'] },
+  { env: 'PERMISSION_TIMEOUT', option: 'permissionTimeout', kind: 'duration', default: '60s', min: 1 },
   { env: 'SESSION_TIMEOUT', option: 'sessionTimeout', kind: 'duration', default: '10m', min: 1 },
   { env: 'MAX_SESSION_TIMEOUT', option: 'maxSessionTimeout', kind: 'duration', default: '24h', min: 1 },
   { env: 'CLEANUP_INTERVAL', option: 'cleanupInterval', kind: 'duration', default: '1m', min: 10 },
   { env: 'KILL_GRACE', option: 'killGrace', kind: 'duration', default: '5s', min: 0 },
   { env: 'KILL_SIGNAL', option: 'killSignal', kind: 'signal', default: 'SIGTERM', enum: ['SIGTERM', 'SIGINT', 'SIGHUP', 'SIGQUIT', 'SIGUSR1', 'SIGUSR2'] },
   { env: 'ASK_TIMEOUT', option: 'askTimeout', kind: 'duration', default: '60s', min: 1 },
+  { env: 'START_TIMEOUT', option: 'startTimeout', kind: 'duration', default: '60s', min: 1 },
+  { env: 'EXPIRY_WARNING', option: 'expiryWarning', kind: 'duration', default: '60s', min: 0 },
+  { env: 'STREAM_HEARTBEAT', option: 'streamHeartbeat', kind: 'duration', default: '15s', min: 100 },
+  { env: 'STREAM_BUFFER_BYTES', option: 'streamBufferBytes', kind: 'integer', default: '1048576', min: 1024 },
   { env: 'MAX_SESSIONS', option: 'maxSessions', kind: 'integer', default: '100', min: 1 },
   { env: 'MAX_QUESTION_BYTES', option: 'maxQuestionBytes', kind: 'integer', default: '65536', min: 1 },
   { env: 'MAX_ANSWER_BYTES', option: 'maxAnswerBytes', kind: 'integer', default: '16777216', min: 1024 },
@@ -52,13 +62,29 @@ export interface AgentSessionsConfig {
   host: string
   logLevel: string
   workspaceDir: string
+  /** cursor: cursor-agent in print mode, one process per turn; acp: one live ACP agent per session. */
+  agentProtocol: 'cursor' | 'acp'
   cursorAgentBin: string
+  /** The ACP agent's argv (AGENT_COMMAND split like a shell would, never run by one). */
+  agentCommand?: string[]
+  agentAuthMethod?: string
+  /** reject, allow, or ask the client (PERMISSION_TIMEOUT to answer, then reject). */
+  permissionPolicy: 'reject' | 'allow' | 'ask'
+  permissionTimeoutMs: number
+  /** How long before a session expires its event-stream subscribers get `expiring`. */
+  expiryWarningMs: number
+  /** How often an idle event stream gets a comment line (so proxies keep it open). */
+  streamHeartbeatMs: number
+  /** Most bytes queued for one slow stream consumer before the stream is cut. */
+  streamBufferBytes: number
   sessionTimeoutMs: number
   maxSessionTimeoutMs: number
   cleanupIntervalMs: number
   killGraceMs: number
   killSignal: NodeJS.Signals
   askTimeoutMs: number
+  /** How long starting an agent may take: create-chat, or spawn + initialize + session/new (or session/load). */
+  startTimeoutMs: number
   maxSessions: number
   maxQuestionBytes: number
   maxAnswerBytes: number
@@ -79,13 +105,23 @@ export interface AgentSessionsConfig {
 /** Settings as plugin options: durations as `'30s'` or milliseconds, the rest as their type. */
 export interface AgentSessionsSettings {
   workspaceDir?: string
+  agentProtocol?: 'cursor' | 'acp'
   cursorAgentBin?: string
+  /** The ACP agent's command line, e.g. `npx @zed-industries/codex-acp` (a string, or argv as an array). */
+  agentCommand?: string | readonly string[]
+  agentAuthMethod?: string
+  permissionPolicy?: 'reject' | 'allow' | 'ask'
+  permissionTimeout?: string | number
+  expiryWarning?: string | number
+  streamHeartbeat?: string | number
+  streamBufferBytes?: number
   sessionTimeout?: string | number
   maxSessionTimeout?: string | number
   cleanupInterval?: string | number
   killGrace?: string | number
   killSignal?: NodeJS.Signals
   askTimeout?: string | number
+  startTimeout?: string | number
   maxSessions?: number
   maxQuestionBytes?: number
   maxAnswerBytes?: number
@@ -142,7 +178,8 @@ export function optionsAsEnv (options: AgentSessionsSettings): Record<string, st
     if (setting.serverOnly === true) continue
     const value = (options as Record<string, unknown>)[setting.option]
     if (value === undefined || value === null) continue
-    env[setting.env] = String(value)
+    // argv given as an array is quoted back into one command line, so it splits into the same words.
+    env[setting.env] = setting.kind === 'command' && Array.isArray(value) ? quoteShellWords(value as string[]) : String(value)
   }
   return env
 }
@@ -170,7 +207,8 @@ const HINT: Record<Kind, string> = {
   string: 'a string',
   boolean: 'true or false',
   signal: 'a signal name',
-  list: 'a comma-separated list'
+  list: 'a comma-separated list',
+  command: 'a command line'
 }
 
 /** Rewrites an env-schema / ajv failure into a message that names the variable and what it takes. */
@@ -208,6 +246,30 @@ function checkList (setting: Setting, text: string): string[] | undefined {
   return items
 }
 
+/**
+ * A command line split into argv the way a shell would split it (quotes,
+ * escapes), but never run through one: operators, redirections and
+ * substitutions are refused instead of silently becoming arguments.
+ */
+function parseCommand (setting: Setting, text: string): string[] | undefined {
+  const words: string[] = []
+  // Variables stay as written ($HOME is passed on literally, not expanded by us).
+  for (const token of parseShellWords(text, (name) => `$${name}`)) {
+    if (typeof token === 'string') {
+      words.push(token)
+    } else if ('pattern' in token) {
+      words.push(token.pattern)
+    } else {
+      const what = 'comment' in token ? '#' : token.op
+      throw invalid(setting, `a command and its arguments (it is not run by a shell, so "${what}" cannot be used)`, text)
+    }
+  }
+  if (words.length === 0) return undefined
+  // A relative path means relative to where the server started; a bare name is looked up on PATH.
+  if (words[0].includes('/')) words[0] = resolve(words[0])
+  return words
+}
+
 /** Converts the validated string values into the typed config, checking ranges and cross-field rules. */
 export function resolveConfig (env: Record<string, unknown>): AgentSessionsConfig {
   const values: Record<string, unknown> = {}
@@ -230,6 +292,8 @@ export function resolveConfig (env: Record<string, unknown>): AgentSessionsConfi
       value = /^(true|1|yes)$/i.test(text)
     } else if (setting.kind === 'list') {
       value = checkList(setting, text)
+    } else if (setting.kind === 'command') {
+      value = parseCommand(setting, text)
     }
     values[setting.option] = value
   }
@@ -250,13 +314,22 @@ export function resolveConfig (env: Record<string, unknown>): AgentSessionsConfi
     workspaceDir,
     // A relative path means relative to where the server started, not to
     // WORKSPACE_DIR (the agent's cwd); a bare name is looked up on PATH.
+    agentProtocol: values.agentProtocol as 'cursor' | 'acp',
     cursorAgentBin: (values.cursorAgentBin as string).includes('/') ? resolve(values.cursorAgentBin as string) : values.cursorAgentBin as string,
+    agentCommand: values.agentCommand as string[] | undefined,
+    agentAuthMethod: values.agentAuthMethod as string | undefined,
+    permissionPolicy: values.permissionPolicy as 'reject' | 'allow' | 'ask',
+    permissionTimeoutMs: values.permissionTimeout as number,
+    expiryWarningMs: values.expiryWarning as number,
+    streamHeartbeatMs: values.streamHeartbeat as number,
+    streamBufferBytes: values.streamBufferBytes as number,
     sessionTimeoutMs: values.sessionTimeout as number,
     maxSessionTimeoutMs: values.maxSessionTimeout as number,
     cleanupIntervalMs: values.cleanupInterval as number,
     killGraceMs: values.killGrace as number,
     killSignal: values.killSignal as NodeJS.Signals,
     askTimeoutMs: values.askTimeout as number,
+    startTimeoutMs: values.startTimeout as number,
     maxSessions: values.maxSessions as number,
     maxQuestionBytes: values.maxQuestionBytes as number,
     maxAnswerBytes: values.maxAnswerBytes as number,
@@ -269,6 +342,9 @@ export function resolveConfig (env: Record<string, unknown>): AgentSessionsConfi
     agentForce: values.agentForce as boolean,
     agentTrust: values.agentTrust as boolean,
     corsOrigins: values.corsOrigins as string[] | undefined
+  }
+  if (config.agentProtocol === 'acp' && config.agentCommand === undefined) {
+    throw invalid(settingOf('AGENT_COMMAND'), 'the ACP agent\'s command line when AGENT_PROTOCOL=acp (e.g. "npx @zed-industries/codex-acp")', undefined)
   }
   if (config.sessionTimeoutMs > config.maxSessionTimeoutMs) {
     throw new ConfigError('Invalid configuration: SESSION_TIMEOUT must not exceed MAX_SESSION_TIMEOUT')

@@ -1,14 +1,21 @@
 // Typed errors shared by the core and the HTTP layer. Each carries the code and
 // HTTP status the API answers with, so routes never have to guess.
 
-export type SessionEndReason = 'expired' | 'ended' | 'shutdown'
+/**
+ * Why a session ended: expired (idle past its timeout), ended (by the client),
+ * shutdown (the server stopped without a store), agent_exited (its agent died
+ * and could not be brought back), resume_failed (bringing a stopped agent back failed).
+ */
+export type SessionEndReason = 'expired' | 'ended' | 'shutdown' | 'agent_exited' | 'resume_failed'
 
 export const ERROR_STATUS = {
   INVALID_REQUEST: 400,
   UNAUTHORIZED: 401,
   SESSION_NOT_FOUND: 404,
   NOT_FOUND: 404,
+  PERMISSION_NOT_FOUND: 404,
   SESSION_BUSY: 409,
+  PERMISSION_ALREADY_DECIDED: 409,
   PAYLOAD_TOO_LARGE: 413,
   UNSUPPORTED_MEDIA_TYPE: 415,
   RATE_LIMITED: 429,
@@ -21,6 +28,10 @@ export const ERROR_STATUS = {
   AGENT_INVALID_API_KEY: 502,
   AGENT_UNKNOWN_MODEL: 502,
   AGENT_CHAT_NOT_FOUND: 502,
+  AGENT_START_FAILED: 502,
+  AGENT_AUTH_FAILED: 502,
+  AGENT_EXITED: 502,
+  RESUME_FAILED: 502,
   SESSION_LIMIT_REACHED: 503,
   SERVICE_UNAVAILABLE: 503,
   REQUEST_TIMEOUT: 504
@@ -60,14 +71,20 @@ export function sessionNotFound (sessionId: string, ended?: { reason: SessionEnd
   if (ended === undefined) {
     return new AgentSessionError('SESSION_NOT_FOUND', `Session ${sessionId} not found`)
   }
-  const why = ended.reason === 'expired'
-    ? `it expired after ${formatDuration(ended.idleMs ?? 0)} without activity`
-    : ended.reason === 'ended'
-      ? 'it was ended by the client'
-      : 'the server shut down'
+  const why = endReasonText(ended.reason, ended.idleMs ?? 0)
   return new AgentSessionError('SESSION_NOT_FOUND', `Session ${sessionId} not found: ${why}`, {
     extra: { reason: ended.reason }
   })
+}
+
+function endReasonText (reason: SessionEndReason, idleMs: number): string {
+  switch (reason) {
+    case 'expired': return `it expired after ${formatDuration(idleMs)} without activity`
+    case 'ended': return 'it was ended by the client'
+    case 'shutdown': return 'the server shut down'
+    case 'agent_exited': return 'its agent process exited and the agent cannot continue the conversation in a new process'
+    case 'resume_failed': return 'its agent could not be brought back with the conversation'
+  }
 }
 
 export function shuttingDown (): AgentSessionError {

@@ -5,7 +5,8 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client'
-import type { RunReport } from '../lib/agents/types.js'
+import type { ProcessReport } from '../lib/agents/types.js'
+import { groupsRssBytes } from '../lib/processes/usage.js'
 import type { SessionEndReason } from '../lib/errors.js'
 import type { EndReport, TurnOutcome } from '../lib/sessions/manager.js'
 import type { TeardownStage } from '../lib/processes/terminate.js'
@@ -22,7 +23,7 @@ export type TeardownStageLabel = 'exited' | 'sigterm' | 'sigkill'
 
 // 'sigterm' stands for the polite KILL_SIGNAL, whichever signal that is.
 const STAGE_LABEL: Record<TeardownStage, TeardownStageLabel> = { exited: 'exited', signalled: 'sigterm', killed: 'sigkill' }
-const END_REASONS: readonly SessionEndReason[] = ['expired', 'ended', 'shutdown']
+const END_REASONS: readonly SessionEndReason[] = ['expired', 'ended', 'shutdown', 'agent_exited', 'resume_failed']
 const TURN_OUTCOMES: readonly TurnOutcome[] = ['answered', 'failed', 'timeout', 'cancelled']
 
 // Agent turns take from about a second to ASK_TIMEOUT (60 s by default, often raised).
@@ -47,6 +48,24 @@ async function metricsPlugin (fastify: FastifyInstance): Promise<void> {
     help: 'Sessions with a turn in flight now',
     registers: [register],
     collect () { this.set(manager.counts().busy) }
+  })
+  new Gauge({
+    name: 'agent_live_processes',
+    help: 'Live agent process groups now (ACP: one per session with a running agent; cursor: turns in flight)',
+    registers: [register],
+    collect () { this.set(manager.driver.livePids().length) }
+  })
+  new Gauge({
+    name: 'agent_live_processes_rss_bytes',
+    help: 'Resident memory of every process in the live agent process groups',
+    registers: [register],
+    collect () { this.set(groupsRssBytes(manager.driver.livePids())) }
+  })
+  const agentExits = new Counter({
+    name: 'agent_exits_total',
+    help: 'Live agents that died without being asked to, by when: during_turn or between_turns',
+    labelNames: ['when'] as const,
+    registers: [register]
   })
   const started = new Counter({
     name: 'agent_sessions_started_total',
@@ -82,6 +101,7 @@ async function metricsPlugin (fastify: FastifyInstance): Promise<void> {
   for (const reason of END_REASONS) ended.labels(reason).inc(0)
   for (const outcome of TURN_OUTCOMES) turns.labels(outcome).inc(0)
   for (const stage of Object.values(STAGE_LABEL)) teardowns.labels(stage).inc(0)
+  for (const when of ['during_turn', 'between_turns']) agentExits.labels(when).inc(0)
 
   // No listener is removed on close: the manager and the registry belong to
   // this instance and go together, and sessions ended by the shutdown drain
@@ -92,7 +112,8 @@ async function metricsPlugin (fastify: FastifyInstance): Promise<void> {
     turns.labels(outcome).inc()
     turnDuration.observe(durationMs / 1000)
   })
-  manager.on('process-finished', (report: RunReport) => { teardowns.labels(STAGE_LABEL[report.teardown.stage]).inc() })
+  manager.on('agent-exited', ({ duringTurn }) => { agentExits.labels(duringTurn ? 'during_turn' : 'between_turns').inc() })
+  manager.on('process-finished', (report: ProcessReport) => { teardowns.labels(STAGE_LABEL[report.teardown.stage]).inc() })
 
   fastify.decorate('agentSessionsMetrics', register)
 }

@@ -1,12 +1,15 @@
-// Decorates the instance with the SessionManager, wired to the cursor-agent
-// runner the configuration describes (or one the embedder injects).
+// Decorates the instance with the SessionManager, wired to the agent driver
+// the configuration describes (cursor-agent per turn, or a live ACP agent per
+// session), or one the embedder injects.
 
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
-import { CursorAgentRunner } from '../lib/agents/cursor-print.js'
-import type { AgentRunner } from '../lib/agents/types.js'
+import { AcpDriver } from '../lib/agents/acp.js'
+import { CursorPrintDriver } from '../lib/agents/cursor-print.js'
+import type { AgentDriver } from '../lib/agents/types.js'
+import { SERVICE_ENV_NAMES, type AgentSessionsConfig } from '../lib/config.js'
+import type { Logger } from '../lib/logger.js'
 import { agentEnvironment } from '../lib/processes/environment.js'
-import { SERVICE_ENV_NAMES } from '../lib/config.js'
 import { SessionManager } from '../lib/sessions/manager.js'
 
 declare module 'fastify' {
@@ -18,25 +21,35 @@ declare module 'fastify' {
 export interface SessionManagerPluginOptions {
   /** Extra environment for every agent process (e.g. CURSOR_API_KEY from a secret store). */
   agentEnv?: Record<string, string>
-  /** A different agent driver (tests, benchmarks, a long-lived ACP driver). */
-  runner?: AgentRunner
+  /** A different agent driver (tests, benchmarks, an agent protocol of your own). */
+  driver?: AgentDriver
   /**
-   * Wraps the agent driver (the configured one, or `runner`). For tests: a
-   * test that makes one turn time out gives every other call a timeout of its
+   * Wraps the agent driver (the configured one, or `driver`). For tests: a
+   * test that makes one turn time out gives every other turn a timeout of its
    * own, so the machine's speed cannot decide the rest.
    */
-  wrapRunner?: (runner: AgentRunner) => AgentRunner
+  wrapDriver?: (driver: AgentDriver) => AgentDriver
   /** Clock in epoch milliseconds; injectable for tests. */
   now?: () => number
 }
 
-async function sessionManagerPlugin (fastify: FastifyInstance, options: SessionManagerPluginOptions): Promise<void> {
-  const config = fastify.agentSessionsConfig
-  const log = fastify.log.child({ component: 'agent-sessions' })
-  const configured = options.runner ?? new CursorAgentRunner({
+function driverFor (config: AgentSessionsConfig, env: Record<string, string | undefined>, log: Logger): AgentDriver {
+  if (config.agentProtocol === 'acp') {
+    return new AcpDriver({
+      command: config.agentCommand ?? [],
+      workspaceDir: config.workspaceDir,
+      env,
+      killSignal: config.killSignal,
+      killGraceMs: config.killGraceMs,
+      authMethod: config.agentAuthMethod,
+      maxMessageBytes: config.maxAnswerBytes,
+      log
+    })
+  }
+  return new CursorPrintDriver({
     bin: config.cursorAgentBin,
     workspaceDir: config.workspaceDir,
-    env: agentEnvironment(process.env, SERVICE_ENV_NAMES, options.agentEnv),
+    env,
     killSignal: config.killSignal,
     killGraceMs: config.killGraceMs,
     model: config.agentModel,
@@ -45,13 +58,23 @@ async function sessionManagerPlugin (fastify: FastifyInstance, options: SessionM
     maxOutputBytes: config.maxAnswerBytes,
     log
   })
-  const runner = options.wrapRunner?.(configured) ?? configured
+}
+
+async function sessionManagerPlugin (fastify: FastifyInstance, options: SessionManagerPluginOptions): Promise<void> {
+  const config = fastify.agentSessionsConfig
+  const log = fastify.log.child({ component: 'agent-sessions' })
+  const configured = options.driver ?? driverFor(config, agentEnvironment(process.env, SERVICE_ENV_NAMES, options.agentEnv), log)
+  const driver = options.wrapDriver?.(configured) ?? configured
   fastify.decorate('agentSessions', new SessionManager({
-    runner,
+    driver,
     maxSessions: config.maxSessions,
     sessionTimeoutMs: config.sessionTimeoutMs,
     maxSessionTimeoutMs: config.maxSessionTimeoutMs,
     askTimeoutMs: config.askTimeoutMs,
+    startTimeoutMs: config.startTimeoutMs,
+    permissionPolicy: config.permissionPolicy,
+    permissionTimeoutMs: config.permissionTimeoutMs,
+    expiryWarningMs: config.expiryWarningMs,
     now: options.now,
     log
   }))

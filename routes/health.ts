@@ -4,28 +4,11 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@fastify/type-provider-typebox'
 import { packageInfo } from '../lib/package-info.js'
-
-// Health is polled; asking the binary for its version on every poll would spawn a process each time.
-const AGENT_CHECK_TTL_MS = 30_000
-
-function cachedVersion (runner: () => Promise<string | null>): () => Promise<{ version: string | null, checkedAt: number }> {
-  let cached: { version: string | null, checkedAt: number } | null = null
-  let inFlight: Promise<{ version: string | null, checkedAt: number }> | null = null
-  return async () => {
-    if (cached !== null && Date.now() - cached.checkedAt < AGENT_CHECK_TTL_MS) return cached
-    inFlight ??= runner().then((version) => {
-      cached = { version, checkedAt: Date.now() }
-      inFlight = null
-      return cached
-    })
-    return await inFlight
-  }
-}
+import { groupsRssBytes } from '../lib/processes/usage.js'
 
 const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   const manager = fastify.agentSessions
   const config = fastify.agentSessionsConfig
-  const agentVersion = cachedVersion(() => manager.agentVersion())
   const startedAt = performance.now()
 
   fastify.get('/api/health', {
@@ -42,9 +25,14 @@ const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
           busy_sessions: Type.Integer(),
           memory_usage_mb: Type.Number(),
           agent: Type.Object({
-            binary: Type.String(),
+            protocol: Type.String({ description: 'cursor or acp (AGENT_PROTOCOL)' }),
+            binary: Type.String({ description: 'The agent program: CURSOR_AGENT_BIN, or the first word of AGENT_COMMAND' }),
+            name: Type.Union([Type.String(), Type.Null()], { description: 'The agent\'s own name (ACP initialize)' }),
             available: Type.Boolean(),
-            version: Type.Union([Type.String(), Type.Null()])
+            version: Type.Union([Type.String(), Type.Null()]),
+            can_resume: Type.Boolean({ description: 'Whether a conversation can continue in a new agent process' }),
+            live_processes: Type.Integer({ description: 'Live agent process groups now' }),
+            live_rss_mb: Type.Number({ description: 'Resident memory of the live agent processes' })
           }),
           reaper: Type.Object({
             running: Type.Boolean(),
@@ -60,15 +48,25 @@ const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   }, async () => {
     const counts = manager.counts()
     const reaper = fastify.agentSessionsReaper.stats()
-    const agent = await agentVersion()
+    const agent = await manager.driver.info()
+    const livePids = manager.driver.livePids()
     return {
-      status: manager.closed ? 'shutting_down' : agent.version === null ? 'degraded' : 'ok',
+      status: manager.closed ? 'shutting_down' : agent.available ? 'ok' : 'degraded',
       version: packageInfo.version,
       uptime_seconds: Math.floor((performance.now() - startedAt) / 1000),
       active_sessions: counts.active,
       busy_sessions: counts.busy,
       memory_usage_mb: Math.round(process.memoryUsage().rss / 1024 / 1024 * 10) / 10,
-      agent: { binary: config.cursorAgentBin, available: agent.version !== null, version: agent.version },
+      agent: {
+        protocol: agent.protocol,
+        binary: config.agentProtocol === 'acp' ? config.agentCommand?.[0] ?? '' : config.cursorAgentBin,
+        name: agent.name,
+        available: agent.available,
+        version: agent.version,
+        can_resume: agent.canResume,
+        live_processes: livePids.length,
+        live_rss_mb: Math.round(groupsRssBytes(livePids) / 1024 / 1024 * 10) / 10
+      },
       reaper: {
         running: reaper.running,
         interval_seconds: config.cleanupIntervalMs / 1000,

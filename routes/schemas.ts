@@ -13,7 +13,7 @@ export const ErrorReply = Type.Object({
   details: Type.String({ description: 'What went wrong, for people' }),
   request_id: Type.String(),
   timestamp: Type.String({ format: 'date-time' }),
-  reason: Type.Optional(Type.String({ description: 'Why a session is gone: expired, ended or shutdown' }))
+  reason: Type.Optional(Type.String({ description: 'Why a session is gone: expired, ended, shutdown, agent_exited or resume_failed' }))
 }, { $id: 'AgentSessionsError', description: 'Every error the API answers' })
 
 export const ErrorRef = Type.Unsafe<typeof ErrorReply>({ $ref: 'AgentSessionsError#' })

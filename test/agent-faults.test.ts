@@ -89,8 +89,8 @@ t.test('a turn that hangs after its result still answers; its processes go withi
 t.test('a stalled turn answers 504 near ASK_TIMEOUT and leaves no process, even ignoring SIGTERM with a grandchild', async (t) => {
   const box = sandbox(t)
   const askTimeoutMs = 1500
-  // ASK_TIMEOUT is short for the stalled turn only: the start and the turn after it have time.
-  const app = await build(t, box, { askTimeout: askTimeoutMs, wrapRunner: onlyTheseTurnsTimeOut((prompt) => prompt.startsWith('stall')) })
+  // ASK_TIMEOUT is short for the stalled turn only: the turn after it has time (and starts have START_TIMEOUT).
+  const app = await build(t, box, { askTimeout: askTimeoutMs, wrapDriver: onlyTheseTurnsTimeOut((prompt) => prompt.startsWith('stall')) })
   const id = await startSession(app)
   const started = Date.now()
   const res = await ask(app, id, 'stall [[fault:stall]] [[fault:ignore-sigterm]] [[fault:grandchild]]')
@@ -238,7 +238,8 @@ t.test('create-chat that prints nothing, dies of a signal or stalls: no session,
   const cases: Array<{ name: string, options: BuildOptions, status: number, code: string, details: RegExp }> = [
     { name: 'prints nothing', options: { cursorAgentBin: bin, agentEnv: { WRAPPER_CREATE_CHAT: 'silent' } }, status: 502, code: 'PROCESS_COMMUNICATION_FAILED', details: /chat id/ },
     { name: 'killed by SIGSEGV', options: { cursorAgentBin: bin, agentEnv: { WRAPPER_CREATE_CHAT: 'segv' } }, status: 502, code: 'PROCESS_COMMUNICATION_FAILED', details: /SIGSEGV/ },
-    { name: 'stalls ignoring SIGTERM, with a grandchild', options: { askTimeout: '1500ms', agentEnv: { FAKE_AGENT_FAULTS: 'stall,ignore-sigterm,grandchild' } }, status: 504, code: 'REQUEST_TIMEOUT', details: /create-chat/ }
+    // START_TIMEOUT short for the one start under test: create-chat is the operation that times out.
+    { name: 'stalls ignoring SIGTERM, with a grandchild', options: { startTimeout: '1500ms', agentEnv: { FAKE_AGENT_FAULTS: 'stall,ignore-sigterm,grandchild' } }, status: 504, code: 'REQUEST_TIMEOUT', details: /create-chat/ }
   ]
   for (const c of cases) {
     const box = sandbox(t)

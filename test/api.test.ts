@@ -1,4 +1,5 @@
 import t from 'tap'
+import { FakeDriver } from './helpers/fake-driver.js'
 import type { InjectOptions } from 'fastify'
 import { agentWrapper, ask, build, RUN_SIMULATOR_QUICK_VERSION, sandbox, SIMULATOR_VERSION, startSession, waitFor, waitForGone } from './helpers/index.js'
 
@@ -18,7 +19,7 @@ t.test('the Janus client sequence: start, ask, heartbeat, end, then 404 everywhe
 
   const answer = await ask(app, id, 'What does app.ts do?')
   t.equal(answer.statusCode, 200, answer.body)
-  t.same(answer.json(), { answer: 'Answer 1: you asked "What does app.ts do?"', session_id: id })
+  t.same(answer.json(), { answer: 'Answer 1: you asked "What does app.ts do?"', session_id: id, stop_reason: 'end_turn' })
 
   const beat = await app.inject({ method: 'POST', url: `/api/heartbeat?session_id=${id}`, headers: JSON_HEADERS })
   t.equal(beat.statusCode, 200, beat.body)
@@ -71,7 +72,7 @@ t.test('a question that looks like a flag reaches the agent as text on stdin, ne
   t.equal(res.json().answer, 'Answer 1: you asked "--version"')
   const argv = JSON.parse((await ask(app, id, '--force --help [[show:argv]]')).json().answer) as string[]
   t.notOk(argv.includes('--help'), 'the question is not in argv')
-  t.same(argv.slice(0, 5), ['-p', '--output-format', 'stream-json', '--resume', argv[4]])
+  t.same(argv.slice(0, 6), ['-p', '--output-format', 'stream-json', '--stream-partial-output', '--resume', argv[5]])
   t.ok(argv.includes('--trust'), 'headless runs trust the configured workspace by default')
   t.notOk(argv.includes('--force'), '--force only when AGENT_FORCE is set')
 })
@@ -171,12 +172,21 @@ t.test('health reports sessions, version and whether the agent answers', async (
   t.equal(body.busy_sessions, 0)
   t.type(body.uptime_seconds, 'number')
   t.ok(body.memory_usage_mb > 0)
-  t.same(body.agent, { binary: body.agent.binary, available: true, version: SIMULATOR_VERSION })
+  t.same(body.agent, {
+    protocol: 'cursor',
+    binary: body.agent.binary,
+    name: 'cursor-agent',
+    available: true,
+    version: SIMULATOR_VERSION,
+    can_resume: true,
+    live_processes: 0,
+    live_rss_mb: 0
+  })
 
   const missing = await build(t, box, { cursorAgentBin: '/nonexistent/cursor-agent' })
   const degraded = (await missing.inject({ method: 'GET', url: '/api/health' })).json()
   t.equal(degraded.status, 'degraded')
-  t.same(degraded.agent, { binary: '/nonexistent/cursor-agent', available: false, version: null })
+  t.match(degraded.agent, { binary: '/nonexistent/cursor-agent', available: false, version: null })
 })
 
 t.test('a client X-Request-ID is kept when well-formed', async (t) => {
@@ -190,17 +200,9 @@ t.test('a client X-Request-ID is kept when well-formed', async (t) => {
 
 t.test('a 5xx never leaks internals', async (t) => {
   const box = sandbox(t)
-  const app = await build(t, box, {
-    runner: {
-      createChat: () => {
-        const result = Promise.reject(new Error('secret internal detail at /home/x/.cursor'))
-        result.catch(() => {})
-        return { result, finished: Promise.resolve({ pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } }) }
-      },
-      startTurn: () => { throw new Error('unused') },
-      version: async () => 'test'
-    }
-  })
+  const driver = new FakeDriver()
+  driver.openError = new Error('secret internal detail at /home/x/.cursor')
+  const app = await build(t, box, { driver })
   const res = await app.inject({ method: 'POST', url: '/api/session/start' })
   t.equal(res.statusCode, 500)
   t.equal(res.json().error, 'INTERNAL_SERVER_ERROR')

@@ -3,37 +3,16 @@
 // per window. Every limit is a setting; each answers in the JSON error shape.
 
 import t, { type Test } from 'tap'
-import { randomUUID } from 'node:crypto'
 import type { LightMyRequestResponse } from 'fastify'
-import type { AgentRun, AgentRunner, RunReport, TurnAnswer } from '../lib/agents/types.js'
-import { FakeRunner } from './helpers/fake-runner.js'
+import { FakeDriver } from './helpers/fake-driver.js'
 import { ask, build, sandbox, sleep, startSession, waitFor } from './helpers/index.js'
 
-const EXITED: RunReport = { pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } }
-
-/** create-chat answers only when the test opens the gate: starts stay "in progress" until then. */
-class GatedRunner implements AgentRunner {
-  chatsRequested = 0
-  #open!: () => void
-  #gate = new Promise<void>((resolve) => { this.#open = resolve })
-
-  open (): void {
-    this.#open()
-  }
-
-  createChat (): AgentRun<string> {
-    this.chatsRequested++
-    const result = this.#gate.then(() => randomUUID())
-    return { result, finished: this.#gate.then(() => EXITED) }
-  }
-
-  startTurn (): AgentRun<TurnAnswer> {
-    return { result: Promise.resolve({ answer: 'ok', durationMs: 1 }), finished: Promise.resolve(EXITED) }
-  }
-
-  async version (): Promise<string> {
-    return 'gated'
-  }
+/** open() answers only when the test opens the gate: starts stay "in progress" until then. */
+function gatedDriver (): { driver: FakeDriver, open: () => void } {
+  const driver = new FakeDriver()
+  let open!: () => void
+  driver.gate = new Promise<void>((resolve) => { open = resolve })
+  return { driver, open }
 }
 
 function checkErrorShape (t: Test, body: Record<string, unknown>, code: string, what: string): void {
@@ -45,8 +24,8 @@ function checkErrorShape (t: Test, body: Record<string, unknown>, code: string, 
 
 t.test('MAX_SESSIONS counts starts still in progress: a burst cannot overshoot it', async (t) => {
   const box = sandbox(t)
-  const runner = new GatedRunner()
-  const app = await build(t, box, { runner, maxSessions: 2 })
+  const { driver, open } = gatedDriver()
+  const app = await build(t, box, { driver, maxSessions: 2 })
   const start = async (): Promise<LightMyRequestResponse> => await app.inject({ method: 'POST', url: '/api/session/start' })
 
   const first = start()
@@ -60,9 +39,9 @@ t.test('MAX_SESSIONS counts starts still in progress: a burst cannot overshoot i
   checkErrorShape(t, third.json(), 'SESSION_LIMIT_REACHED', 'third start')
   t.match(third.json().details, /MAX_SESSIONS/)
   t.ok(Number(third.headers['retry-after']) > 0, `Retry-After: ${third.headers['retry-after']}`)
-  t.equal(runner.chatsRequested, 2, 'the refused start ran no agent')
+  t.equal(driver.opened, 2, 'the refused start ran no agent')
 
-  runner.open()
+  open()
   t.equal((await first).statusCode, 200)
   t.equal((await second).statusCode, 200)
   const fourth = await start()
@@ -145,7 +124,7 @@ t.test('session starts are rate limited per client: 429 RATE_LIMITED with Retry-
 t.test('the start budget comes back after START_RATE_WINDOW', async (t) => {
   const box = sandbox(t)
   // No agent process: the two starts are milliseconds apart, well inside the window, however busy the machine.
-  const app = await build(t, box, { runner: new FakeRunner(), startRateLimit: 1, startRateWindow: '1500ms' })
+  const app = await build(t, box, { driver: new FakeDriver(), startRateLimit: 1, startRateWindow: '1500ms' })
   await startSession(app)
   const limited = await app.inject({ method: 'POST', url: '/api/session/start' })
   t.equal(limited.statusCode, 429)

@@ -67,7 +67,7 @@ t.test('GET /metrics is Prometheus text with every series, labelled from zero, a
 t.test('the series move when sessions start, turn, fail, time out, go busy and end', async (t) => {
   const box = sandbox(t)
   // ASK_TIMEOUT is short for the one turn that must time out; every other call has time.
-  const app = await build(t, box, { askTimeout: '1500ms', killGrace: '500ms', wrapRunner: onlyTheseTurnsTimeOut((prompt) => prompt.startsWith('time out')) })
+  const app = await build(t, box, { askTimeout: '1500ms', killGrace: '500ms', wrapDriver: onlyTheseTurnsTimeOut((prompt) => prompt.startsWith('time out')) })
   const teardowns = (text: string, stage: string): number => sample(text, `agent_teardowns_total{stage="${stage}"}`) ?? NaN
 
   const id = await startSession(app)

@@ -3,7 +3,7 @@
 
 import t, { type Test } from 'tap'
 import { Writable } from 'node:stream'
-import { FakeRunner } from './helpers/fake-runner.js'
+import { FakeDriver } from './helpers/fake-driver.js'
 import { build, sandbox, waitFor } from './helpers/index.js'
 
 interface Captured { lines: string[], records: Array<Record<string, unknown>> }
@@ -79,8 +79,8 @@ t.test('at debug, the text is there for whoever turned debug on', async (t) => {
 
 t.test('"question received" is logged once per question a session took, never for refused ones', async (t) => {
   const { stream, captured } = capture()
-  const runner = new FakeRunner()
-  const app = await build(t, sandbox(t), { runner, logger: { level: 'info', stream } })
+  const driver = new FakeDriver()
+  const app = await build(t, sandbox(t), { driver, logger: { level: 'info', stream } })
   const received = (): Array<Record<string, unknown>> => captured.records.filter((r) => r.msg === 'question received')
   const askOn = (id: string, question: string) => app.inject({ method: 'POST', url: `/api/ask?session_id=${id}`, payload: { question } })
   const id = (await app.inject({ method: 'POST', url: '/api/session/start' })).json().session_id as string
@@ -89,12 +89,12 @@ t.test('"question received" is logged once per question a session took, never fo
   t.same(received(), [], 'not for an unknown session')
 
   const first = askOn(id, 'the first question')
-  await waitFor(() => runner.turns.length === 1, 'the first turn')
+  await waitFor(() => driver.turns.length === 1, 'the first turn')
   t.equal(received().length, 1, 'logged once the session took it')
   for (let i = 0; i < 3; i++) t.equal((await askOn(id, 'me too')).statusCode, 409)
   t.equal(received().length, 1, 'not for questions refused as busy')
-  runner.turns[0].answer('one')
-  runner.turns[0].finish()
+  driver.turns[0].answer('one')
+  driver.turns[0].finish()
   t.equal((await first).statusCode, 200)
 
   await app.inject({ method: 'POST', url: `/api/session/end?session_id=${id}` })

@@ -1,4 +1,4 @@
-// Reaper logic with an injected clock and a runner that spawns nothing: which
+// Reaper logic with an injected clock and a driver that spawns nothing: which
 // sessions go, which stay, and the races between reaping, ending and use.
 
 import t from 'tap'
@@ -6,16 +6,16 @@ import { SessionManager, type EndReport } from '../lib/sessions/manager.js'
 import { Sweeper } from '../lib/sessions/sweeper.js'
 import { AgentSessionError } from '../lib/errors.js'
 import type { Logger } from '../lib/logger.js'
-import { FakeRunner } from './helpers/fake-runner.js'
+import { FakeDriver } from './helpers/fake-driver.js'
 import { sleep, waitFor } from './helpers/index.js'
 
 const MINUTE = 60_000
 
-function setup (options: { sessionTimeoutMs?: number, log?: Logger } = {}): { manager: SessionManager, runner: FakeRunner, clock: { now: number }, ended: EndReport[] } {
+function setup (options: { sessionTimeoutMs?: number, log?: Logger } = {}): { manager: SessionManager, driver: FakeDriver, clock: { now: number }, ended: EndReport[] } {
   const clock = { now: Date.parse('2026-11-24T10:00:00Z') }
-  const runner = new FakeRunner()
+  const driver = new FakeDriver()
   const manager = new SessionManager({
-    runner,
+    driver,
     maxSessions: 1000,
     sessionTimeoutMs: options.sessionTimeoutMs ?? 10 * MINUTE,
     maxSessionTimeoutMs: 24 * 60 * MINUTE,
@@ -25,7 +25,7 @@ function setup (options: { sessionTimeoutMs?: number, log?: Logger } = {}): { ma
   })
   const ended: EndReport[] = []
   manager.on('session-ended', (report) => ended.push(report))
-  return { manager, runner, clock, ended }
+  return { manager, driver, clock, ended }
 }
 
 function capture (): { log: Logger, lines: Array<{ level: string, obj: Record<string, unknown>, msg?: string }> } {
@@ -90,15 +90,15 @@ t.test('reads are not activity', async (t) => {
 })
 
 t.test('busy sessions stay, however long the turn; the turn end is activity', async (t) => {
-  const { manager, runner, clock } = setup()
+  const { manager, driver, clock } = setup()
   const s = await manager.create()
   const asking = manager.ask(s.id, 'a long question')
   clock.now += 60 * MINUTE
   t.same((await manager.sweep()).reaped, [], 'busy is not idle')
   t.equal(manager.get(s.id).state, 'busy')
-  runner.turns[0].answer('done')
-  runner.turns[0].finish()
-  t.same(await asking, { answer: 'done', durationMs: 1 })
+  driver.turns[0].answer('done')
+  driver.turns[0].finish()
+  t.same(await asking, { answer: 'done', stopReason: 'end_turn', durationMs: 1 })
   t.equal(manager.get(s.id).lastActivity, clock.now, 'the end of a turn counts as activity')
   clock.now += 10 * MINUTE - 1
   t.same((await manager.sweep()).reaped, [])
@@ -153,44 +153,44 @@ t.test('each ended session is logged once, with reason, idle time and how its pr
 
 t.test('races', async (t) => {
   t.test('a heartbeat or ask arriving while the session is being reaped gets 404 and starts nothing', async (t) => {
-    const { manager, runner, clock } = setup()
-    runner.holdTeardown = true
+    const { manager, driver, clock } = setup()
+    driver.holdTeardown = true
     const s = await manager.create()
     // A turn answered, but its processes are still being torn down.
     const asked = manager.ask(s.id, 'q')
-    runner.turns[0].answer('a')
+    driver.turns[0].answer('a')
     await asked
     clock.now += 10 * MINUTE
     const sweeping = manager.sweep()
     // The reap is under way (its teardown is held): the session must already be gone.
     t.throws(() => manager.touch(s.id), { code: 'SESSION_NOT_FOUND', extra: { reason: 'expired' } })
     await t.rejects(manager.ask(s.id, 'revive?'), { code: 'SESSION_NOT_FOUND' })
-    t.equal(runner.turns.length, 1, 'no new turn was started')
+    t.equal(driver.turns.length, 1, 'no new turn was started')
     t.equal(manager.counts().active, 0)
     t.equal(manager.counts().closing, 1)
-    runner.turns[0].finish()
+    driver.turns[0].finish()
     t.equal((await sweeping).reaped.length, 1)
     t.equal(manager.counts().closing, 0)
   })
 
   t.test('an ask waiting for the previous turn to settle is cancelled by an end, and never spawns', async (t) => {
-    const { manager, runner } = setup()
-    runner.holdTeardown = true
+    const { manager, driver } = setup()
+    driver.holdTeardown = true
     const s = await manager.create()
     const first = manager.ask(s.id, 'one')
-    runner.turns[0].answer('1')
+    driver.turns[0].answer('1')
     await first
     const second = manager.ask(s.id, 'two') // waits for turn 1's teardown
     const ending = manager.end(s.id, 'ended')
-    runner.turns[0].finish()
+    driver.turns[0].finish()
     await t.rejects(second, { code: 'SESSION_NOT_FOUND', extra: { reason: 'ended' } })
     await ending
-    t.equal(runner.turns.length, 1, 'the second turn never started')
+    t.equal(driver.turns.length, 1, 'the second turn never started')
   })
 
   t.test('an end racing a reap, or a second end, is harmless and tears down once', async (t) => {
-    const { manager, runner, clock, ended } = setup()
-    runner.holdTeardown = true
+    const { manager, driver, clock, ended } = setup()
+    driver.holdTeardown = true
     const s = await manager.create()
     const asking = manager.ask(s.id, 'q')
     clock.now += 10 * MINUTE
@@ -200,8 +200,8 @@ t.test('races', async (t) => {
     t.same((await Promise.race([manager.sweep(), new Promise((resolve) => setTimeout(resolve, 50, 'held'))]) as { reaped: unknown[] }).reaped, [])
     t.throws(() => manager.end(s.id, 'ended'), { code: 'SESSION_NOT_FOUND', extra: { reason: 'ended' } })
     await t.rejects(asking, { code: 'SESSION_NOT_FOUND' })
-    t.ok(runner.turns[0].aborted)
-    runner.turns[0].finish()
+    t.ok(driver.turns[0].aborted)
+    driver.turns[0].finish()
     const all = manager.endAll('shutdown')
     await ending
     await all
@@ -211,8 +211,8 @@ t.test('races', async (t) => {
   })
 
   t.test('shutdown answers in-flight asks at once and waits for their teardown', async (t) => {
-    const { manager, runner } = setup()
-    runner.holdTeardown = true
+    const { manager, driver } = setup()
+    driver.holdTeardown = true
     const a = await manager.create()
     const b = await manager.create()
     const asks = [manager.ask(a.id, 'x'), manager.ask(b.id, 'y')]
@@ -221,7 +221,7 @@ t.test('races', async (t) => {
     for (const ask of asks) await t.rejects(ask, { code: 'SERVICE_UNAVAILABLE' })
     t.notOk(drained, 'the drain waits for the teardowns')
     await t.rejects(manager.create(), { code: 'SERVICE_UNAVAILABLE' })
-    for (const turn of runner.turns) turn.finish()
+    for (const turn of driver.turns) turn.finish()
     const reports = await draining
     t.same(reports.map((r) => r.reason), ['shutdown', 'shutdown'])
   })
@@ -288,9 +288,9 @@ t.test('sweeper', async (t) => {
 
 t.test('each session keeps a bounded conversation log of its answered turns', async (t) => {
   const clock = { now: 1_000 }
-  const runner = new FakeRunner()
+  const driver = new FakeDriver()
   const manager = new SessionManager({
-    runner, maxSessions: 10, sessionTimeoutMs: MINUTE, maxSessionTimeoutMs: MINUTE, askTimeoutMs: MINUTE, maxHistory: 4, now: () => clock.now
+    driver, maxSessions: 10, sessionTimeoutMs: MINUTE, maxSessionTimeoutMs: MINUTE, askTimeoutMs: MINUTE, maxHistory: 4, now: () => clock.now
   })
   const s = await manager.create()
   t.same(manager.history(s.id), [])
@@ -298,9 +298,9 @@ t.test('each session keeps a bounded conversation log of its answered turns', as
     const asking = manager.ask(s.id, `q${n}`)
     clock.now += 10
     // The turn starts once the previous one has settled (a microtask later).
-    await waitFor(() => runner.turns.length === n, `turn ${n}`)
-    runner.turns[n - 1].answer(`a${n}`)
-    runner.turns[n - 1].finish()
+    await waitFor(() => driver.turns.length === n, `turn ${n}`)
+    driver.turns[n - 1].answer(`a${n}`)
+    driver.turns[n - 1].finish()
     await asking
   }
   t.same(manager.history(s.id), [
@@ -310,9 +310,9 @@ t.test('each session keeps a bounded conversation log of its answered turns', as
     { role: 'assistant', content: 'a3', timestamp: 1_030 }
   ], 'oldest entries dropped past maxHistory')
   const failing = manager.ask(s.id, 'q4')
-  await waitFor(() => runner.turns.length === 4, 'turn 4')
-  runner.turns[3].fail(new AgentSessionError('PROCESS_COMMUNICATION_FAILED', 'boom'))
-  runner.turns[3].finish()
+  await waitFor(() => driver.turns.length === 4, 'turn 4')
+  driver.turns[3].fail(new AgentSessionError('PROCESS_COMMUNICATION_FAILED', 'boom'))
+  driver.turns[3].finish()
   await t.rejects(failing)
   t.equal(manager.history(s.id).length, 4, 'a failed turn is not logged')
   const copy = manager.history(s.id)

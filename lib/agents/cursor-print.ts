@@ -7,7 +7,9 @@ import { AgentSessionError, type ErrorCode } from '../errors.js'
 import { terminateProcessGroup, untrackGroup, type TeardownReport } from '../processes/terminate.js'
 import { spawnGroup } from '../processes/spawn.js'
 import type { Logger } from '../logger.js'
-import type { AgentRun, AgentRunner, RunReport, TurnAnswer, TurnOptions } from './types.js'
+import type {
+  AgentConversation, AgentDriver, AgentInfo, ConversationRef, OpenOptions, ProcessReport, PromptOptions, TurnEvent, TurnResult
+} from './types.js'
 
 export interface CursorAgentOptions {
   bin: string
@@ -34,25 +36,76 @@ const CHAT_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/
 
 /** The argv of one headless turn; the question goes to stdin, never here. */
 export function turnArgs (chatId: string, options: Pick<CursorAgentOptions, 'workspaceDir' | 'trust' | 'force' | 'model'>): string[] {
-  const args = ['-p', '--output-format', 'stream-json', '--resume', chatId, '--workspace', options.workspaceDir]
+  const args = ['-p', '--output-format', 'stream-json', '--stream-partial-output', '--resume', chatId, '--workspace', options.workspaceDir]
   if (options.trust) args.push('--trust')
   if (options.force) args.push('--force')
   if (options.model !== undefined && options.model !== '') args.push('--model', options.model)
   return args
 }
 
-export class CursorAgentRunner implements AgentRunner {
+/** A running agent call: `result` settles as soon as the outcome is known, `finished` once no process of it is left. */
+interface AgentRun<T> {
+  result: Promise<T>
+  finished: Promise<ProcessReport>
+  /** Settles the call now (if still open: with this outcome, or what its onStop answers) and tears its processes down. */
+  stop: (outcome: { value: T } | AgentSessionError | 'cancelled', why: string) => void
+  pid: number | null
+}
+
+// Health is polled; asking the binary for its version on every poll would spawn a process each time.
+const INFO_TTL_MS = 30_000
+
+export class CursorPrintDriver implements AgentDriver {
+  readonly protocol = 'cursor' as const
   readonly #options: CursorAgentOptions
   // A turn still alive this long after its result is hanging (known
   // cursor-agent bug); capped so the turn is gone within KILL_GRACE of it.
   readonly #resultGraceMs: number
+  readonly #running = new Map<Promise<ProcessReport>, number | null>()
+  readonly #finishedListeners: Array<(report: ProcessReport) => void> = []
+  #info: { value: AgentInfo, at: number } | null = null
+  #infoInFlight: Promise<AgentInfo> | null = null
 
   constructor (options: CursorAgentOptions) {
     this.#options = options
     this.#resultGraceMs = Math.min(1000, Math.floor(options.killGraceMs / 4))
   }
 
-  createChat (options: { timeoutMs: number, signal?: AbortSignal }): AgentRun<string> {
+  async open (options: OpenOptions): Promise<AgentConversation> {
+    const chatId = await this.createChat(options).result
+    return new CursorConversation(this, chatId)
+  }
+
+  async resume (ref: ConversationRef): Promise<AgentConversation> {
+    if (ref.protocol !== 'cursor') throw new AgentSessionError('RESUME_FAILED', `A ${ref.protocol} conversation cannot continue with cursor-agent`)
+    // Every turn is its own `--resume <chat>` process: nothing to start.
+    return new CursorConversation(this, ref.chatId)
+  }
+
+  async info (options: { refresh?: boolean } = {}): Promise<AgentInfo> {
+    if (options.refresh !== true && this.#info !== null && Date.now() - this.#info.at < INFO_TTL_MS) return this.#info.value
+    this.#infoInFlight ??= this.version().then((version) => {
+      const value: AgentInfo = { protocol: 'cursor', name: 'cursor-agent', version, available: version !== null, canResume: true }
+      this.#info = { value, at: Date.now() }
+      this.#infoInFlight = null
+      return value
+    })
+    return await this.#infoInFlight
+  }
+
+  livePids (): number[] {
+    return [...this.#running.values()].filter((pid): pid is number => pid !== null)
+  }
+
+  onProcessFinished (listener: (report: ProcessReport) => void): void {
+    this.#finishedListeners.push(listener)
+  }
+
+  async drain (): Promise<void> {
+    while (this.#running.size > 0) await Promise.all(this.#running.keys())
+  }
+
+  createChat (options: OpenOptions): AgentRun<string> {
     let stdout = ''
     return this.#run<string>({
       args: ['create-chat'],
@@ -76,31 +129,32 @@ export class CursorAgentRunner implements AgentRunner {
     })
   }
 
-  startTurn (options: TurnOptions): AgentRun<TurnAnswer> {
+  /** One headless turn: streams its events, answers on the `result` line. */
+  startTurn (chatId: string, prompt: string, options: Pick<PromptOptions, 'timeoutMs' | 'onEvent'>): AgentRun<TurnResult> {
     const started = performance.now()
-    let assistantText = ''
-    return this.#run<TurnAnswer>({
-      args: turnArgs(options.chatId, this.#options),
-      input: options.prompt,
+    const text = new AnswerText()
+    return this.#run<TurnResult>({
+      args: turnArgs(chatId, this.#options),
+      input: prompt,
       timeoutMs: options.timeoutMs,
-      signal: options.signal,
       what: 'turn',
       onLine: (line) => {
         const event = parseEvent(line)
         if (event === null) return undefined
-        if (event.type === 'assistant') {
-          assistantText += assistantTextOf(event)
+        if (event.type !== 'result') {
+          for (const turnEvent of turnEventsOf(event, text)) options.onEvent(turnEvent)
           return undefined
         }
-        if (event.type !== 'result') return undefined
         if (event.is_error === true || (event.subtype !== undefined && event.subtype !== 'success')) {
-          const text = typeof event.result === 'string' && event.result !== '' ? event.result : 'the agent reported an error'
-          return classifyAgentFailure(text, 1)
+          const message = typeof event.result === 'string' && event.result !== '' ? event.result : 'the agent reported an error'
+          return classifyAgentFailure(message, 1)
         }
-        const answer = typeof event.result === 'string' && event.result !== '' ? event.result : assistantText
-        return { value: { answer, durationMs: Math.round(performance.now() - started) } }
+        if (isRecord(event.usage)) options.onEvent({ type: 'usage', usage: event.usage })
+        const answer = typeof event.result === 'string' && event.result !== '' ? event.result : text.value
+        return { value: { answer, stopReason: 'end_turn', durationMs: Math.round(performance.now() - started) } }
       },
-      onExit: () => undefined
+      onExit: () => undefined,
+      onStop: () => ({ answer: text.value, stopReason: 'cancelled', durationMs: Math.round(performance.now() - started) })
     })
   }
 
@@ -138,7 +192,7 @@ export class CursorAgentRunner implements AgentRunner {
       settled = true
       result.catch(() => {})
       settle.reject(abortError(spec.signal))
-      return { result, finished: Promise.resolve({ pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } }) }
+      return { result, finished: Promise.resolve({ pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } }), stop: () => {}, pid: null }
     }
 
     const subprocess = spawnGroup(o.bin, spec.args, { cwd: o.workspaceDir, env: o.env, input: spec.input })
@@ -275,11 +329,172 @@ export class CursorAgentRunner implements AgentRunner {
       if (resultAt !== null) {
         log.debug({ pid, stage: report.stage, afterResultMs: Math.round(performance.now() - resultAt) }, 'agent turn finished')
       }
-      return { pid, teardown: report }
+      this.#running.delete(finished)
+      const processReport: ProcessReport = { pid, teardown: report }
+      for (const listener of this.#finishedListeners) listener(processReport)
+      return processReport
     })
+    this.#running.set(finished, pid)
     result.catch(() => {})
-    return { result, finished }
+    const stop = (outcome: { value: T } | AgentSessionError | 'cancelled', why: string): void => {
+      if (outcome !== 'cancelled') finish(outcome)
+      else if (spec.onStop !== undefined) finish({ value: spec.onStop() })
+      teardown(why)
+    }
+    return { result, finished, stop, pid }
   }
+}
+
+/**
+ * A cursor-agent chat. No process lives between turns: each prompt is one
+ * `--resume <chat>` process, so suspend and resume cost nothing.
+ */
+class CursorConversation implements AgentConversation {
+  readonly ref: ConversationRef
+  readonly #driver: CursorPrintDriver
+  readonly #chatId: string
+  #turn: AgentRun<TurnResult> | null = null
+  // The last turn answers before its teardown ends; the next one waits for it,
+  // so two processes never run on one chat.
+  #settling: Promise<ProcessReport> | null = null
+  #closed = false
+  #prompting = false
+  // A cancel that came while the prompt still waited for the previous turn's teardown.
+  #cancelledEarly = false
+
+  constructor (driver: CursorPrintDriver, chatId: string) {
+    this.#driver = driver
+    this.#chatId = chatId
+    this.ref = { protocol: 'cursor', chatId }
+  }
+
+  get alive (): boolean {
+    return !this.#closed
+  }
+
+  get pid (): number | null {
+    return this.#turn?.pid ?? null
+  }
+
+  async prompt (text: string, options: PromptOptions): Promise<TurnResult> {
+    this.#prompting = true
+    this.#cancelledEarly = false
+    try {
+      if (this.#settling !== null) await this.#settling
+      if (this.#closed) throw new AgentSessionError('SERVICE_UNAVAILABLE', 'The conversation was closed')
+      if (this.#cancelledEarly) return { answer: '', stopReason: 'cancelled', durationMs: 0 }
+      const run = this.#driver.startTurn(this.#chatId, text, options)
+      this.#turn = run
+      this.#settling = run.finished
+      try {
+        return await run.result
+      } finally {
+        if (this.#turn === run) this.#turn = null
+      }
+    } finally {
+      this.#prompting = false
+    }
+  }
+
+  cancel (): boolean {
+    if (this.#turn !== null) {
+      this.#turn.stop('cancelled', 'cancelled')
+      return true
+    }
+    if (this.#prompting) this.#cancelledEarly = true
+    return this.#prompting
+  }
+
+  async suspend (): Promise<ProcessReport> {
+    return await this.#settled()
+  }
+
+  async close (): Promise<ProcessReport> {
+    this.#closed = true
+    this.#turn?.stop(new AgentSessionError('SERVICE_UNAVAILABLE', 'The conversation was closed'), 'closed')
+    return await this.#settled()
+  }
+
+  onExit (): void {
+    // No process outlives a turn, so none can die between turns.
+  }
+
+  async #settled (): Promise<ProcessReport> {
+    return this.#settling === null ? EXITED : await this.#settling
+  }
+}
+
+const EXITED: ProcessReport = { pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } }
+
+/** The answer as it streams: deltas, or whole messages from builds without partial output. */
+class AnswerText {
+  value = ''
+  #sawDelta = false
+
+  /** The text this assistant event adds to the answer ('' when it repeats what deltas sent). */
+  add (event: AgentEvent): string {
+    const text = assistantTextOf(event)
+    // With --stream-partial-output, deltas carry timestamp_ms and no model_call_id;
+    // the message that follows repeats them whole.
+    const isDelta = event.timestamp_ms !== undefined && event.model_call_id === undefined
+    if (!isDelta && this.#sawDelta) {
+      this.#sawDelta = false
+      return ''
+    }
+    if (isDelta) this.#sawDelta = true
+    this.value += text
+    return text
+  }
+}
+
+function turnEventsOf (event: AgentEvent, text: AnswerText): TurnEvent[] {
+  switch (event.type) {
+    case 'assistant': {
+      const added = text.add(event)
+      return added === '' ? [] : [{ type: 'chunk', text: added }]
+    }
+    case 'thinking':
+      return event.subtype === 'delta' && typeof event.text === 'string' && event.text !== ''
+        ? [{ type: 'thought', text: event.text }]
+        : []
+    case 'tool_call': {
+      const call = toolCallOf(event)
+      return call === null ? [] : [call]
+    }
+    default:
+      return []
+  }
+}
+
+const TOOL_KINDS: Record<string, string> = {
+  shell: 'execute', read: 'read', write: 'edit', edit: 'edit', delete: 'delete',
+  grep: 'search', glob: 'search', ls: 'search', search: 'search', fetch: 'fetch'
+}
+
+/** cursor-agent's `{shellToolCall: {args, result}}` as ACP's tool call shape. */
+function toolCallOf (event: AgentEvent): TurnEvent | null {
+  if (typeof event.call_id !== 'string' || !isRecord(event.tool_call)) return null
+  const [key, body] = Object.entries(event.tool_call)[0] ?? []
+  if (key === undefined) return null
+  const name = key.replace(/ToolCall$/, '')
+  const details = isRecord(body) ? body : {}
+  const args = isRecord(details.args) ? details.args : {}
+  const subject = [args.command, args.path, args.pattern, args.url].find((v) => typeof v === 'string') as string | undefined
+  const result = isRecord(details.result) ? details.result : undefined
+  const status = event.subtype === 'completed'
+    ? (result !== undefined && result.success === undefined ? 'failed' : 'completed')
+    : 'in_progress'
+  return {
+    type: 'tool_call',
+    id: event.call_id,
+    title: subject === undefined ? name : `${name}: ${subject}`,
+    kind: TOOL_KINDS[name] ?? 'other',
+    status
+  }
+}
+
+function isRecord (value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value)
 }
 
 interface RunSpec<T> {
@@ -292,6 +507,8 @@ interface RunSpec<T> {
   onLine: (line: string) => { value: T } | AgentSessionError | undefined
   /** Called when the main process exited without onLine settling the call. */
   onExit: (code: number | null) => { value: T } | AgentSessionError | undefined
+  /** What a call stopped early (a cancelled turn) answers. */
+  onStop?: () => T
 }
 
 type AgentEvent = Record<string, unknown> & { type?: unknown }

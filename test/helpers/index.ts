@@ -8,7 +8,7 @@ import { fileURLToPath } from 'node:url'
 import fp from 'fastify-plugin'
 import Fastify, { type FastifyInstance, type LightMyRequestResponse } from 'fastify'
 import agentSessions, { type AgentSessionsOptions } from '../../app.js'
-import type { AgentRunner } from '../../lib/agents/types.js'
+import type { AgentConversation, AgentDriver } from '../../lib/agents/types.js'
 import { isProcessAlive, signalGroup } from '../../lib/processes/terminate.js'
 
 // Deadlines of the tests: a deadline only turns a hang into a failure, it
@@ -100,14 +100,29 @@ export interface BuildOptions extends AgentSessionsOptions {
 
 /**
  * For a test that makes turns time out: the turns `underTest` picks keep the
- * app's ASK_TIMEOUT (set short by the test); create-chat and every other turn
- * get AGENT_CALL_TIMEOUT_MS, so only the operation under test can time out.
+ * app's ASK_TIMEOUT (set short by the test); every other turn gets
+ * AGENT_CALL_TIMEOUT_MS, so only the operation under test can time out
+ * (starts have START_TIMEOUT, which build() keeps generous).
  */
-export function onlyTheseTurnsTimeOut (underTest: (prompt: string) => boolean): (runner: AgentRunner) => AgentRunner {
-  return (runner) => ({
-    createChat: (options) => runner.createChat({ ...options, timeoutMs: AGENT_CALL_TIMEOUT_MS }),
-    startTurn: (options) => runner.startTurn(underTest(options.prompt) ? options : { ...options, timeoutMs: AGENT_CALL_TIMEOUT_MS }),
-    version: async () => await runner.version()
+export function onlyTheseTurnsTimeOut (underTest: (prompt: string) => boolean): (driver: AgentDriver) => AgentDriver {
+  const generous = (conversation: AgentConversation): AgentConversation => ({
+    get ref () { return conversation.ref },
+    get alive () { return conversation.alive },
+    get pid () { return conversation.pid },
+    prompt: async (text, options) => await conversation.prompt(text, underTest(text) ? options : { ...options, timeoutMs: AGENT_CALL_TIMEOUT_MS }),
+    cancel: () => conversation.cancel(),
+    suspend: async () => await conversation.suspend(),
+    close: async () => await conversation.close(),
+    onExit: (listener) => { conversation.onExit(listener) }
+  })
+  return (driver) => ({
+    protocol: driver.protocol,
+    open: async (options) => generous(await driver.open(options)),
+    resume: async (ref, options) => generous(await driver.resume(ref, options)),
+    info: async (options) => await driver.info(options),
+    livePids: () => driver.livePids(),
+    onProcessFinished: (listener) => { driver.onProcessFinished(listener) },
+    drain: async () => await driver.drain()
   })
 }
 
@@ -120,6 +135,7 @@ export async function build (t: TapLike, box: Sandbox, options: BuildOptions = {
     workspaceDir: ROOT,
     killGrace: '1s',
     askTimeout: AGENT_CALL_TIMEOUT_MS,
+    startTimeout: AGENT_CALL_TIMEOUT_MS,
     ...pluginOptions,
     agentEnv: { FAKE_AGENT_STATE_DIR: box.stateDir, ...pluginOptions.agentEnv }
   })
