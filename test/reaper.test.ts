@@ -286,11 +286,11 @@ t.test('sweeper', async (t) => {
   })
 })
 
-t.test('each session keeps a bounded conversation log of its answered turns', async (t) => {
+t.test('each session keeps a bounded log of its turns, answered or failed', async (t) => {
   const clock = { now: 1_000 }
   const driver = new FakeDriver()
   const manager = new SessionManager({
-    driver, maxSessions: 10, sessionTimeoutMs: MINUTE, maxSessionTimeoutMs: MINUTE, askTimeoutMs: MINUTE, maxHistory: 4, now: () => clock.now
+    driver, maxSessions: 10, sessionTimeoutMs: MINUTE, maxSessionTimeoutMs: MINUTE, askTimeoutMs: MINUTE, maxHistory: 3, now: () => clock.now
   })
   const s = await manager.create()
   t.same(manager.history(s.id), [])
@@ -303,19 +303,18 @@ t.test('each session keeps a bounded conversation log of its answered turns', as
     driver.turns[n - 1].finish()
     await asking
   }
-  t.same(manager.history(s.id), [
-    { role: 'user', content: 'q2', timestamp: 1_020 },
-    { role: 'assistant', content: 'a2', timestamp: 1_020 },
-    { role: 'user', content: 'q3', timestamp: 1_030 },
-    { role: 'assistant', content: 'a3', timestamp: 1_030 }
-  ], 'oldest entries dropped past maxHistory')
   const failing = manager.ask(s.id, 'q4')
+  clock.now += 10
   await waitFor(() => driver.turns.length === 4, 'turn 4')
   driver.turns[3].fail(new AgentSessionError('PROCESS_COMMUNICATION_FAILED', 'boom'))
   driver.turns[3].finish()
   await t.rejects(failing)
-  t.equal(manager.history(s.id).length, 4, 'a failed turn is not logged')
+  t.same(manager.history(s.id), [
+    { question: 'q2', answer: 'a2', stopReason: 'end_turn', error: null, startedAt: 1_010, endedAt: 1_020 },
+    { question: 'q3', answer: 'a3', stopReason: 'end_turn', error: null, startedAt: 1_020, endedAt: 1_030 },
+    { question: 'q4', answer: '', stopReason: null, error: 'PROCESS_COMMUNICATION_FAILED', startedAt: 1_030, endedAt: 1_040 }
+  ], 'a failed turn is logged with its code; the oldest turns go past maxHistory')
   const copy = manager.history(s.id)
   copy.length = 0
-  t.equal(manager.history(s.id).length, 4, 'callers get a copy')
+  t.equal(manager.history(s.id).length, 3, 'callers get a copy')
 })
