@@ -22,7 +22,7 @@ import fp from 'fastify-plugin'
 import Fastify, { type FastifyInstance } from 'fastify'
 import agentSessions, { type AgentSessionsOptions } from '../app.js'
 import { isProcessAlive, signalGroup } from '../lib/processes/terminate.js'
-import { EVENT_TIMEOUT_MS, onlyTheseTurnsTimeOut } from '../test/helpers/index.js'
+import { AGENT_CALL_TIMEOUT_MS, EVENT_TIMEOUT_MS, onlyTheseTurnsTimeOut } from '../test/helpers/index.js'
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
 const SIMULATOR = join(ROOT, 'test', 'fixtures', 'fake-cursor-agent.mjs')
@@ -206,10 +206,11 @@ export async function runSoak (partial: Partial<SoakOptions> = {}): Promise<Soak
     cleanupInterval: options.cleanupIntervalMs,
     killGrace: options.killGraceMs,
     askTimeout: options.askTimeoutMs,
+    startTimeout: AGENT_CALL_TIMEOUT_MS,
     maxSessions: 10_000,
     startRateLimit: 1_000_000,
     agentEnv: { FAKE_AGENT_STATE_DIR: stateDir },
-    // Only stalled turns may time out: the other turns get a generous timeout, starts START_TIMEOUT's 60 s.
+    // Only stalled turns may time out: starts and the other turns get a generous timeout.
     wrapDriver: onlyTheseTurnsTimeOut((prompt) => prompt.includes('[[fault:stall]]'))
   }
   // A fresh function: fp() marks the function it wraps.
