@@ -90,10 +90,16 @@ t.test('a stalled turn answers 504 near ASK_TIMEOUT and leaves no process, even 
   const box = sandbox(t)
   const askTimeoutMs = 1500
   // ASK_TIMEOUT is short for the stalled turn only: the turn after it has time (and starts have START_TIMEOUT).
-  const app = await build(t, box, { askTimeout: askTimeoutMs, wrapDriver: onlyTheseTurnsTimeOut((prompt) => prompt.startsWith('stall')) })
+  // The stall is the shell's: it ignores SIGTERM and has its grandchild within milliseconds
+  // of the spawn, long before ASK_TIMEOUT, however busy the machine (Node.js can take seconds).
+  const app = await build(t, box, {
+    cursorAgentBin: misbehavingAgent(t),
+    askTimeout: askTimeoutMs,
+    wrapDriver: onlyTheseTurnsTimeOut((prompt) => prompt.startsWith('stall'))
+  })
   const id = await startSession(app)
   const started = Date.now()
-  const res = await ask(app, id, 'stall [[fault:stall]] [[fault:ignore-sigterm]] [[fault:grandchild]]')
+  const res = await ask(app, id, 'stall STALL-IGNORING-SIGTERM')
   const elapsed = Date.now() - started
   t.equal(res.statusCode, 504, res.body)
   t.equal(res.json().error, 'REQUEST_TIMEOUT')
@@ -165,12 +171,21 @@ t.test('the agent binary disappearing after start-up fails the turn, not the ser
 
 // Misbehaviours the simulator has no switch for, played by a shell wrapper that
 // answers some questions itself and hands every other call to the simulator.
+// Its stall ignores SIGTERM and has a grandchild that does too, within
+// milliseconds of the spawn (the simulator's takes two Node.js start-ups).
 function misbehavingAgent (t: { after: (fn: () => unknown) => void }): string {
   return agentWrapper(t, `echo "$$ main" >> "$FAKE_AGENT_STATE_DIR/pids.log"
+stall () {
+  trap '' TERM
+  (exec sleep 600) &
+  echo "$! grandchild" >> "$FAKE_AGENT_STATE_DIR/pids.log"
+  exec sleep 600
+}
 if [ "$1" = "create-chat" ]; then
   case "$WRAPPER_CREATE_CHAT" in
     silent) exit 0 ;;
     segv) kill -SEGV $$ ;;
+    stall) stall ;;
   esac
   ${RUN_SIMULATOR}
 fi
@@ -183,6 +198,7 @@ case "$input" in
   *KILLED-MID-STREAM*) printf '{"type":"system","subtype":"init"}\\n'; kill -KILL $$ ;;
   *STDERR-FLOOD-THEN-FAIL*) yes '[noise] worker: still alive' | head -c 5000000 >&2; printf 'Error: the last words\\n' >&2; exit 1 ;;
   *STDERR-ONE-LINE-THEN-FAIL*) head -c 5000000 /dev/zero | tr '\\0' 'e' >&2; printf '\\nError: the last words\\n' >&2; exit 1 ;;
+  *STALL-IGNORING-SIGTERM*) stall ;;
 esac
 printf '%s' "$input" | ${RUN_SIMULATOR}`).bin
 }
@@ -239,7 +255,7 @@ t.test('create-chat that prints nothing, dies of a signal or stalls: no session,
     { name: 'prints nothing', options: { cursorAgentBin: bin, agentEnv: { WRAPPER_CREATE_CHAT: 'silent' } }, status: 502, code: 'PROCESS_COMMUNICATION_FAILED', details: /chat id/ },
     { name: 'killed by SIGSEGV', options: { cursorAgentBin: bin, agentEnv: { WRAPPER_CREATE_CHAT: 'segv' } }, status: 502, code: 'PROCESS_COMMUNICATION_FAILED', details: /SIGSEGV/ },
     // START_TIMEOUT short for the one start under test: create-chat is the operation that times out.
-    { name: 'stalls ignoring SIGTERM, with a grandchild', options: { startTimeout: '1500ms', agentEnv: { FAKE_AGENT_FAULTS: 'stall,ignore-sigterm,grandchild' } }, status: 504, code: 'REQUEST_TIMEOUT', details: /create-chat/ }
+    { name: 'stalls ignoring SIGTERM, with a grandchild', options: { cursorAgentBin: bin, startTimeout: '1500ms', agentEnv: { WRAPPER_CREATE_CHAT: 'stall' } }, status: 504, code: 'REQUEST_TIMEOUT', details: /create-chat/ }
   ]
   for (const c of cases) {
     const box = sandbox(t)
@@ -249,6 +265,7 @@ t.test('create-chat that prints nothing, dies of a signal or stalls: no session,
     t.equal(res.json().error, c.code, c.name)
     t.match(res.json().details, c.details, c.name)
     t.same(app.agentSessions.counts(), { active: 0, busy: 0, starting: 0, closing: 0 }, `${c.name}: no session`)
+    if (c.status === 504) t.ok(box.pids().some((p) => p.role === 'grandchild'), `${c.name}: the grandchild was started`)
     t.same(await waitForGone(box.pids().map((p) => p.pid)), [], `${c.name}: no process left`)
   }
 })
