@@ -119,7 +119,8 @@ t.test('a host with its own config and @fastify/env uses the whole API under a p
   t.match(metrics.body, /^agent_sessions_started_total 4$/m)
   const doc = (await host.inject({ method: 'GET', url: '/agent/documentation/json' })).json()
   t.same(Object.keys(doc.paths).sort(),
-    ['/agent/api/ask', '/agent/api/health', '/agent/api/heartbeat', '/agent/api/session/end', '/agent/api/session/start', '/agent/metrics'])
+    ['/agent/api/ask', '/agent/api/cancel', '/agent/api/health', '/agent/api/heartbeat', '/agent/api/permission', '/agent/api/session/end',
+      '/agent/api/session/events', '/agent/api/session/history', '/agent/api/session/start', '/agent/metrics'])
 
   // The reaper runs: a session with a short idle timeout is reaped by itself.
   const short = await host.inject({ method: 'POST', url: '/agent/api/session/start', headers: JSON_HEADERS, payload: { idle_timeout: '200ms' } })
