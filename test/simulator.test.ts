@@ -435,13 +435,15 @@ t.test('create-chat honours FAKE_AGENT_FAULTS', async (t) => {
   t.equal(k.stdout, '')
 })
 
-t.test('late-stderr: exit 1 first, the error text arrives later from a child', async (t) => {
+t.test('late-stderr: exit 1, and the error text comes from a child once the main process has gone', async (t) => {
   const a = agent(t)
   const r = a.run(['-p'], { input: 'q [[fault:late-stderr]]' })
   const exit = await within(r.exited, 'main to exit')
-  const stderrAtExit = r.err()
   t.same(exit, { code: 1, signal: null })
-  t.equal(stderrAtExit, '', 'nothing on stderr when the main process exits')
+  // The child writes as soon as the main process's end of fd 3 closes, which
+  // happens during its exit, before the exit is reported to us: whether this
+  // process reads the text before or after the exit event is the scheduler's
+  // call. The service must (and does: agent-faults) get it either way.
   const late = a.pids().find((p) => p.role === 'late-stderr')
   t.ok(late, 'the child is in pids.log')
   await within(r.closed, 'stderr to close')
