@@ -17,12 +17,11 @@ import { fork } from 'node:child_process'
 import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { availableParallelism, cpus, loadavg, release, tmpdir, totalmem } from 'node:os'
 import { join } from 'node:path'
-import { BENCH_DIR, killLeftovers, pidLogsUnder, QUICK, readPidLog, removeDir, ROOT, type BenchResult, type TableRow } from './lib.js'
+import { BENCH_DIR, BENCHMARKS as ALL, killLeftovers, pidLogsUnder, QUICK, QUICK_BENCH_TIMEOUT_MS, readPidLog, removeDir, ROOT, type BenchResult, type TableRow } from './lib.js'
 
-const ALL = ['heartbeat', 'ask', 'teardown', 'reaper', 'memory', 'precision'] as const
 const onlyArg = process.argv.find((a) => a.startsWith('--only='))
 const selected = onlyArg === undefined ? [...ALL] : onlyArg.slice('--only='.length).split(',').filter((n) => n !== '')
-const TIMEOUT_MS = QUICK ? 60_000 : 150_000
+const TIMEOUT_MS = QUICK ? QUICK_BENCH_TIMEOUT_MS : 150_000
 
 interface Failure { name: string, error: string }
 
