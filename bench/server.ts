@@ -129,11 +129,6 @@ const commands: Record<string, (args: Record<string, unknown>) => Promise<unknow
     }
     return { sweep, bare }
   },
-  // CPU time this process used (user + system, microseconds): the server's cost per request.
-  cpu: () => {
-    const usage = process.cpuUsage()
-    return usage.user + usage.system
-  },
   heap: () => {
     globalThis.gc?.()
     return process.memoryUsage()
