@@ -13,9 +13,9 @@
 // interquartile range and a bootstrap 95 % interval of the median; a gap is
 // seen only where that interval excludes 1. On two cores autocannon takes one
 // of them, so throughput is partly bounded by the load generator: the CPU
-// time each server process spends per request (utime + stime from
-// /proc/PID/stat over each round, every thread) is reported beside it, with
-// the same statistics.
+// time each server process spends per request (every thread, from
+// /proc/PID/task/*/schedstat over each round) is reported beside it, with the
+// same statistics.
 
 import { loadavg } from 'node:os'
 import {
