@@ -431,6 +431,8 @@ export interface ProcessServerOptions {
   stateDir: string
   /** Extra node flags (BENCH_SERVER_FLAGS: --cpu-prof ...). */
   nodeFlags?: string[]
+  /** Another build's server.js (an A/B of two builds); dist/server.js, built if stale, by default. */
+  entry?: string
 }
 
 /**
@@ -442,13 +444,13 @@ export interface ProcessServerOptions {
 let built = false
 
 export async function startStandalone (options: ProcessServerOptions): Promise<ProcessServer> {
-  if (!built) {
+  if (!built && options.entry === undefined) {
     execFileSync(process.execPath, [join(ROOT, 'scripts', 'ensure-built.mjs')], { cwd: ROOT, stdio: 'inherit' })
     built = true
   }
   const port = await freePort()
   const devNull = openSync('/dev/null', 'w')
-  const child = spawn(process.execPath, [...(options.nodeFlags ?? []), join(ROOT, 'dist', 'server.js')], {
+  const child = spawn(process.execPath, [...(options.nodeFlags ?? []), options.entry ?? join(ROOT, 'dist', 'server.js')], {
     cwd: ROOT,
     env: serverEnv({
       PORT: String(port),

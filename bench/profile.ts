@@ -1,4 +1,4 @@
-// npm run bench:profile [-- --level=warn] [-- --seconds=10] [-- --target=standalone|bare|both] [-- --top=25]
+// npm run bench:profile [-- --level=warn] [-- --seconds=10] [-- --target=standalone|bare|both] [-- --top=25] [-- --entry=path/to/server.js]
 //
 // A CPU profile of the standalone server (`node --cpu-prof dist/server.js`, as
 // the heartbeat benchmark starts it) under autocannon heartbeat load, and of
@@ -30,6 +30,7 @@ const target = arg('target', 'both')
 const top = Number(arg('top', '25'))
 const intervalUs = Number(arg('interval', '250'))
 const connections = Number(arg('connections', '50'))
+const entry = arg('entry', '') === '' ? undefined : arg('entry', '')
 
 interface Entry { name: string, where: string, us: number }
 interface Summary { requests: number, busyUs: number, idleUs: number, entries: Entry[], packages: Map<string, number>, file: string }
@@ -99,7 +100,7 @@ async function profileOne (kind: 'standalone' | 'bare', dir: string, stateDir: s
   const profileDir = join(dir, kind)
   const nodeFlags = ['--cpu-prof', `--cpu-prof-dir=${profileDir}`, `--cpu-prof-interval=${intervalUs}`]
   const server: ProcessServer = kind === 'standalone'
-    ? await startStandalone({ logLevel: level, sessions: 1, stateDir, nodeFlags })
+    ? await startStandalone({ logLevel: level, sessions: 1, stateDir, nodeFlags, entry })
     : await startBareProcess({ logLevel: level, sessions: 1, nodeFlags })
   let from = 0
   let to = 0
@@ -126,7 +127,7 @@ try {
   const kinds = target === 'both' ? ['standalone', 'bare'] as const : [target as 'standalone' | 'bare']
   for (const kind of kinds) {
     const summary = await profileOne(kind, dir, box.dir)
-    print(`${kind === 'standalone' ? 'Standalone server (node dist/server.js)' : 'Bare Fastify (bench/bare-server.mjs)'}, LOG_LEVEL=${level}, ${connections} connections, ${seconds} s`, summary)
+    print(`${kind === 'standalone' ? `Standalone server (node ${entry ?? 'dist/server.js'})` : 'Bare Fastify (bench/bare-server.mjs)'}, LOG_LEVEL=${level}, ${connections} connections, ${seconds} s`, summary)
   }
   console.log(`\nProfiles kept in ${dir}`)
 } finally {
