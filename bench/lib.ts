@@ -349,7 +349,8 @@ export interface ProcessServer extends LoadTarget {
  * of /proc/PID/task/TID/schedstat, the scheduler's own count in nanoseconds.
  * utime + stime in /proc/PID/stat come in 10 ms clock ticks, each rounded
  * down: over a 1.5 s round at 0.3-0.7 s of CPU that is a few percent of error
- * per round, as large as the gaps the heartbeat benchmark looks for.
+ * per round, as large as the gaps the heartbeat benchmark looks for. (A thread
+ * running at the moment of reading is counted up to its last scheduler tick.)
  */
 export function processCpuUs (pid: number): number {
   let ns = 0
