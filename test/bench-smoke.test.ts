@@ -25,6 +25,9 @@ function cleanEnv (extra: Record<string, string>): NodeJS.ProcessEnv {
   return { ...env, ...extra }
 }
 
+// Longer than the runner's default for a test file: the killer below decides.
+t.setTimeout(450_000)
+
 t.test('npm run bench -- --quick runs every benchmark and writes its figures', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'bench-smoke-'))
   t.after(() => rmSync(dir, { recursive: true, force: true }))
