@@ -19,10 +19,12 @@ import { availableParallelism, cpus, loadavg, release, tmpdir, totalmem } from '
 import { join } from 'node:path'
 import { BENCH_DIR, killLeftovers, pidLogsUnder, QUICK, readPidLog, removeDir, ROOT, type BenchResult, type TableRow } from './lib.js'
 
-const ALL = ['heartbeat', 'ask', 'teardown', 'reaper', 'memory', 'precision'] as const
+const ALL = ['heartbeat', 'ask', 'teardown', 'reaper', 'memory', 'precision', 'acp', 'sse-fanout'] as const
 const onlyArg = process.argv.find((a) => a.startsWith('--only='))
 const selected = onlyArg === undefined ? [...ALL] : onlyArg.slice('--only='.length).split(',').filter((n) => n !== '')
 const TIMEOUT_MS = QUICK ? 60_000 : 150_000
+// acp starts the real agents several times (gemini: 10-35 s each on a busy machine); sse-fanout runs four rounds of 1,000 streams.
+const TIMEOUT_MS_OF: Record<string, number> = QUICK ? {} : { acp: 1_200_000, 'sse-fanout': 300_000 }
 
 interface Failure { name: string, error: string }
 
@@ -51,10 +53,11 @@ async function runOne (name: string, root: string): Promise<BenchResult> {
   })
   return await new Promise<BenchResult>((resolve, reject) => {
     let result: BenchResult | undefined
+    const timeoutMs = TIMEOUT_MS_OF[name] ?? TIMEOUT_MS
     const timer = setTimeout(() => {
       child.kill('SIGKILL')
-      reject(new Error(`timed out after ${TIMEOUT_MS / 1000} s`))
-    }, TIMEOUT_MS)
+      reject(new Error(`timed out after ${timeoutMs / 1000} s`))
+    }, timeoutMs)
     child.on('message', (msg) => {
       const m = msg as { type: string, result: BenchResult }
       if (m.type === 'result') result = m.result
