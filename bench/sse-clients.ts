@@ -3,7 +3,7 @@
 // Opens one POST per path with Accept: text/event-stream, counts the `chunk`
 // events each stream delivers and whether it ended with `answer`.
 //
-// IPC: receives {type: 'open', base, paths}; sends {type: 'opened'} once every
+// IPC: receives {type: 'open', base, paths} (once per batch); sends {type: 'opened'} once every
 // stream delivered its first chunk; answers {type: 'count'} with the chunks
 // delivered so far; sends {type: 'done', ...} when every stream has ended.
 
@@ -85,7 +85,10 @@ function maybeOpened (): void {
 process.on('message', (raw) => {
   const message = raw as { type: string }
   if (message.type === 'open') {
+    // Each open is a batch of its own (a warm-up, then the measured one).
     const { base, paths } = message as Open
+    chunks = answers = errors = ended = streaming = 0
+    opened = false
     total = paths.length
     for (const path of paths) openOne(base, path)
   } else if (message.type === 'count') {

@@ -9,14 +9,15 @@
 //     against the heap with the sessions created and no stream open).
 // Baseline, same run, same clients, same timers: a bare node:http server
 // writing the same events straight to each response (no Fastify, session
-// manager, event buffer or backpressure). Rounds alternate service / bare.
+// manager, event buffer or backpressure). Rounds alternate service / bare;
+// the loop delay is each side's worse round, CPU and heap their mean.
 
 import { fork, type ChildProcess } from 'node:child_process'
 import { createServer, type ServerResponse } from 'node:http'
 import { join } from 'node:path'
 import { monitorEventLoopDelay } from 'node:perf_hooks'
 import type { AgentConversation, AgentDriver, ProcessReport, PromptOptions, TurnResult } from '../lib/agents/types.js'
-import { BENCH_DIR, fmt, median, QUICK, ROOT, round, serviceApp, sleep, type BenchResult } from './lib.js'
+import { BENCH_DIR, fmt, QUICK, ROOT, round, serviceApp, sleep, type BenchResult } from './lib.js'
 
 const TARGET_LOOP_DELAY_P99_MS = 20
 const CHUNK_INTERVAL_MS = 100
@@ -54,13 +55,13 @@ class Ticker {
 
 const NOTHING_RAN: ProcessReport = { pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } }
 
-function tickerDriver (ticker: Ticker): AgentDriver {
+function tickerDriver (feed: { ticker: Ticker }): AgentDriver {
   const conversation: AgentConversation = {
     ref: { protocol: 'cursor', chatId: 'ticker' },
     alive: true,
     pid: null,
     prompt: async (_text: string, options: PromptOptions) => await new Promise<TurnResult>((resolve) => {
-      ticker.start(() => { options.onEvent({ type: 'chunk', text: CHUNK_TEXT }) }, () => {
+      feed.ticker.start(() => { options.onEvent({ type: 'chunk', text: CHUNK_TEXT }) }, () => {
         resolve({ answer: 'done', stopReason: 'end_turn', durationMs: 0 })
       })
     }),
@@ -148,22 +149,27 @@ class Clients {
   }
 }
 
+// Streams run to their end before the measured ones, so that code compiled
+// and shapes built on first use are not counted as heap per stream.
+const WARMUP_STREAMS = 20
+
 async function measureRound (mode: 'service' | 'bare', streams: number, windowMs: number): Promise<Round> {
-  const ticker = new Ticker()
+  // The driver and the bare server feed the streams of the current batch.
+  const feed = { ticker: new Ticker() }
   let base: string
   let paths: string[]
   let close: () => Promise<void>
   if (mode === 'service') {
     const app = await serviceApp({
-      driver: tickerDriver(ticker),
-      maxSessions: streams + 10,
+      driver: tickerDriver(feed),
+      maxSessions: streams + WARMUP_STREAMS,
       sessionTimeout: '1h',
       cleanupInterval: '1h'
     })
     await app.listen({ host: '127.0.0.1', port: 0 })
     base = `http://127.0.0.1:${(app.server.address() as { port: number }).port}`
     paths = []
-    for (let i = 0; i < streams; i++) paths.push(`/api/ask?session_id=${(await app.agentSessions.create()).id}`)
+    for (let i = 0; i < WARMUP_STREAMS + streams; i++) paths.push(`/api/ask?session_id=${(await app.agentSessions.create()).id}`)
     close = async () => { await app.close() }
   } else {
     const open = new Set<ServerResponse>()
@@ -173,7 +179,7 @@ async function measureRound (mode: 'service' | 'bare', streams: number, windowMs
         res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive' })
         open.add(res)
         const data = JSON.stringify({ text: CHUNK_TEXT })
-        ticker.start(() => { res.write(`event: chunk\ndata: ${data}\n\n`) }, () => {
+        feed.ticker.start(() => { res.write(`event: chunk\ndata: ${data}\n\n`) }, () => {
           res.end(`event: answer\ndata: ${JSON.stringify({ answer: 'done', session_id: 'bare', stop_reason: 'end_turn' })}\n\n`)
           open.delete(res)
         })
@@ -181,7 +187,7 @@ async function measureRound (mode: 'service' | 'bare', streams: number, windowMs
     })
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
     base = `http://127.0.0.1:${(server.address() as { port: number }).port}`
-    paths = Array.from({ length: streams }, (_, i) => `/ask?i=${i}`)
+    paths = Array.from({ length: WARMUP_STREAMS + streams }, (_, i) => `/ask?i=${i}`)
     close = async () => {
       for (const res of open) res.destroy()
       await new Promise<void>((resolve) => server.close(() => resolve()))
@@ -190,9 +196,18 @@ async function measureRound (mode: 'service' | 'bare', streams: number, windowMs
 
   const clients = new Clients()
   try {
+    const warmed = clients.next('opened', 120_000)
+    clients.send({ type: 'open', base, paths: paths.slice(0, WARMUP_STREAMS) })
+    await warmed
+    const warmDone = clients.next('done', 120_000)
+    feed.ticker.stop()
+    await warmDone
+    feed.ticker = new Ticker()
+    const ticker = feed.ticker
+
     const heapBefore = settledHeap()
     const opened = clients.next('opened', 120_000)
-    clients.send({ type: 'open', base, paths })
+    clients.send({ type: 'open', base, paths: paths.slice(WARMUP_STREAMS) })
     await opened
     await sleep(QUICK ? 100 : 1000)
 
@@ -230,7 +245,7 @@ async function measureRound (mode: 'service' | 'bare', streams: number, windowMs
       errors: final.errors
     }
   } finally {
-    ticker.stop()
+    feed.ticker.stop()
     await clients.stop()
     await close()
   }
@@ -247,16 +262,16 @@ export async function run (): Promise<BenchResult> {
   if (invalid.length > 0) throw new Error(`streams lost chunks or answers: ${JSON.stringify(invalid)}`)
   const of = (mode: 'service' | 'bare'): Round[] => rounds.filter((r) => r.mode === mode)
   const worst = (rs: Round[], key: keyof Round): number => Math.max(...rs.map((r) => r[key] as number))
-  const mid = (rs: Round[], key: keyof Round): number => median(rs.map((r) => r[key] as number))
+  const mean = (rs: Round[], key: keyof Round): number => rs.reduce((sum, r) => sum + (r[key] as number), 0) / rs.length
   const service = of('service')
   const bare = of('bare')
   const delayP99 = worst(service, 'loopDelayP99Ms')
   const bareDelayP99 = worst(bare, 'loopDelayP99Ms')
-  const cpu = mid(service, 'cpuUsPerChunk')
-  const bareCpu = mid(bare, 'cpuUsPerChunk')
-  const heap = mid(service, 'heapPerStreamBytes')
-  const bareHeap = mid(bare, 'heapPerStreamBytes')
-  const rate = mid(service, 'chunksPerSecond')
+  const cpu = mean(service, 'cpuUsPerChunk')
+  const bareCpu = mean(bare, 'cpuUsPerChunk')
+  const heap = mean(service, 'heapPerStreamBytes')
+  const bareHeap = mean(bare, 'heapPerStreamBytes')
+  const rate = mean(service, 'chunksPerSecond')
   const met = delayP99 < TARGET_LOOP_DELAY_P99_MS
   const label = `${streams.toLocaleString('en-US')} streams x 10 chunks/s`
   return {
