@@ -23,7 +23,6 @@ import { mkdirSync } from 'node:fs'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { DirectAcpClient, groupMembers, groupRssKb } from './acp-direct-client.js'
-import { SERVICE_ENV_NAMES } from '../lib/config.js'
 import { agentEnvironment } from '../lib/processes/environment.js'
 import { isProcessAlive } from '../lib/processes/terminate.js'
 import { startMockModel, type MockModel } from '../test/fixtures/mock-model-server.mjs'
@@ -135,10 +134,7 @@ async function measure (subject: Subject): Promise<SubjectFigures> {
     await app.listen({ host: '127.0.0.1', port: 0 })
     const port = (app.server.address() as { port: number }).port
     // The environment the service gives the agent, for the direct client too.
-    const env: Record<string, string> = {}
-    for (const [key, value] of Object.entries(agentEnvironment(process.env, SERVICE_ENV_NAMES, subject.env))) {
-      if (value !== undefined) env[key] = value
-    }
+    const env = agentEnvironment(process.env, { extra: subject.env })
     const startDirect = async (): Promise<DirectAcpClient> => {
       const client = await DirectAcpClient.start({ argv: subject.argv, env, cwd: subject.workspace, authMethod: subject.authMethod })
       clients.push(client)

@@ -72,6 +72,7 @@ function tickerDriver (feed: { ticker: Ticker }): AgentDriver {
   }
   return {
     protocol: 'cursor',
+    keepsProcesses: false,
     open: async () => conversation,
     resume: async () => conversation,
     info: async () => ({ protocol: 'cursor', name: 'bench-ticker', version: 'bench', available: true, canResume: true }),

@@ -370,7 +370,7 @@ async function startServer (t: Test, settings: Record<string, string>): Promise<
   proc.stderr.setEncoding('utf8').on('data', (chunk: string) => { stderr = (stderr + chunk).slice(-4096) })
   const listening = await waitFor(() => proc.exitCode === null
     ? logs.find((l) => typeof l.msg === 'string' && l.msg.startsWith('Server listening at http://127.0.0.1'))
-    : (() => { throw new Error(`the server exited: ${stderr}`) })(), 60_000, 'the server to listen')
+    : (() => { throw new Error(`the server exited: ${stderr}`) })(), 'the server to listen')
   const url = /http:\/\/127\.0\.0\.1:\d+/.exec(listening.msg as string)![0]
   return { proc, pid: proc.pid as number, url, exited }
 }
