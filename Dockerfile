@@ -107,6 +107,7 @@ ENV NODE_ENV=production \
     HOST=0.0.0.0 \
     PORT=3000 \
     WORKSPACE_DIR=/workspace \
+    STATE_DIR=/state \
     PATH=/opt/agent/bin:$PATH
 
 USER node

@@ -177,7 +177,9 @@ t.test('the image', { skip: built.ok ? false : built.why }, async (t) => {
     const health = await api(c, 'GET', '/api/health', undefined, null)
     t.equal(health.status, 200)
     t.equal(health.json.status, 'ok')
-    t.equal(health.json.agent.version, '2026.11.20-fake', 'the bundled simulator answers')
+    t.equal(health.json.agent, undefined, 'without the token, health says nothing of the agent')
+    const detailed = await api(c, 'GET', '/api/health')
+    t.equal(detailed.json.agent.version, '2026.11.20-fake', 'the bundled simulator answers')
     t.equal((await api(c, 'GET', '/api/health/live', undefined, null)).status, 200)
     const refused = await api(c, 'POST', '/api/session/start', undefined, null)
     t.equal(refused.status, 401)
@@ -232,10 +234,21 @@ t.test('the image', { skip: built.ok ? false : built.why }, async (t) => {
     t.comment(`SIGTERM to exit with 5 stuck agents: ${Math.round(ms)} ms (KILL_GRACE ${KILL_GRACE_MS} ms)`)
     t.equal((await podman('wait', c.name)).stdout.trim(), '0', 'exit code 0')
     const logs = (await podman('logs', c.name)).stdout.split('\n').filter((line) => line.startsWith('{')).map((line) => JSON.parse(line))
-    const ended = logs.filter((l) => l.msg === 'session ended' && l.reason === 'shutdown')
-    t.equal(ended.length, 5, 'five sessions ended by the shutdown')
-    t.ok(ended.every((l) => l.processes === 'killed'), 'each agent needed the SIGKILL after KILL_GRACE: stuck for real')
+    // The image keeps its store on the /state volume: a stop hibernates the sessions instead of ending them.
+    const hibernated = logs.filter((l) => l.msg === 'session hibernated' && l.why === 'shutdown')
+    t.same(hibernated.map((l) => l.sessionId).sort(), [...ids].sort(), 'the five sessions hibernated by the shutdown')
+    t.equal(logs.filter((l) => l.msg === 'session ended').length, 0, 'none ended')
     for (const res of await Promise.all(asks)) t.equal(res.status, 503, 'each stuck ask was answered: shutting down')
+
+    // The same container started again: its sessions come back from /state, and answer.
+    t.equal((await podman('start', c.name)).code, 0, 'started again')
+    t.equal((await firstAnswer(c, 120_000)).status, 200, 'ready again')
+    for (const id of ids) {
+      t.equal((await api(c, 'POST', `/api/heartbeat?session_id=${id}`)).status, 200, `session ${id} is known after the restart`)
+    }
+    const after = await api(c, 'POST', `/api/ask?session_id=${ids[0]}`, { question: 'still there?' })
+    t.equal(after.status, 200, `an ask after the restart is answered: ${JSON.stringify(after.json)}`)
+    t.equal(after.json.session_id, ids[0])
   })
 })
 
