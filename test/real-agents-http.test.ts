@@ -282,7 +282,12 @@ for (const name of ['codex', 'gemini'] as RealAgentName[]) {
       KILL_GRACE,
       SESSION_TIMEOUT: '3s',
       CLEANUP_INTERVAL: '250ms',
-      ...agent.env
+      // No hibernation, so no start-up probe of the agent: the agents counted here are the sessions' own.
+      AGENT_IDLE_TIMEOUT: '0',
+      ...agent.env,
+      // The agent's environment is an allow-list: its own variables pass by name.
+      // (NODE_OPTIONS is the server's own, never the agent's.)
+      AGENT_ENV_PASS: Object.keys(agent.env).filter((key) => key !== 'NODE_OPTIONS').join(',')
     })
     const serverPid = server.pid
 
