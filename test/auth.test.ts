@@ -201,7 +201,7 @@ t.test('health without the token shows only what the Janus client reads; with it
     t.notMatch(res.body, /fake|2026\.11/, `${what}: no agent version`)
   }
   const full = await app.inject({ method: 'GET', url: '/api/health', headers: AUTH })
-  t.same(Object.keys(full.json()).sort(), [...janusFields, 'agent', 'busy_sessions', 'reaper'].sort(), 'with the token: everything')
+  t.same(Object.keys(full.json()).sort(), [...janusFields, 'agent', 'busy_sessions', 'hibernated_sessions', 'reaper', 'store'].sort(), 'with the token: everything')
   t.equal(full.json().agent.binary, SIMULATOR)
   t.equal(full.json().agent.version, '2026.11.20-fake')
 })

@@ -26,7 +26,7 @@ t.test('ready answers 503 when the agent does not answer; live stays 200; /api/h
   t.equal(ready.statusCode, 503)
   const body = ready.json()
   t.equal(body.error, 'SERVICE_UNAVAILABLE')
-  t.match(body.details, /^Not ready: agent: the agent \(.*cursor-agent\) does not answer --version$/)
+  t.match(body.details, /^Not ready: agent: the agent \(.*cursor-agent\) is not usable$/)
   t.equal(body.request_id, ready.headers['x-request-id'])
   t.equal(ready.headers['retry-after'], '5')
   t.equal((await app.inject({ method: 'GET', url: '/api/health/live' })).statusCode, 200)

@@ -32,8 +32,14 @@ function calls (box: Sandbox): string[] {
   }
 }
 
+/** The agent processes running now (the start-up probe's comes and goes). */
 function mainPids (box: Sandbox): number[] {
-  return box.pids().filter((p) => p.role === 'main').map((p) => p.pid)
+  return box.pids().filter((p) => p.role === 'main' && isProcessAlive(p.pid)).map((p) => p.pid)
+}
+
+/** The one live agent, once the start-up probe has gone. */
+async function onlyAgent (box: Sandbox): Promise<number> {
+  return await waitFor(() => { const live = mainPids(box); return live.length === 1 ? live[0] : undefined }, 'one live agent', GENEROUS_MS)
 }
 
 function hibernated (app: FastifyInstance, sessionId?: string): Promise<{ sessionId: string, why: string }> {
@@ -52,7 +58,7 @@ t.test('an idle live agent hibernates; heartbeats do not stop that clock; the ne
   const app = await acpApp(t, box, { agentIdleTimeout: '400ms', cleanupInterval: '100ms' })
   const id = await startSession(app)
   t.equal((await ask(app, id, 'remember me')).statusCode, 200)
-  const [firstAgent] = mainPids(box)
+  const firstAgent = await onlyAgent(box)
   const slept = hibernated(app, id)
   // Heartbeats keep the session, not the agent.
   const beating = setInterval(() => { void app.inject({ method: 'POST', url: `/api/heartbeat?session_id=${id}` }) }, 100)
@@ -88,7 +94,7 @@ t.test('a hibernated session still expires after SESSION_TIMEOUT', async (t) => 
   const app = await acpApp(t, box, { agentIdleTimeout: '200ms', sessionTimeout: '1500ms', cleanupInterval: '100ms' })
   const id = await startSession(app)
   await hibernated(app, id)
-  await waitFor(() => app.agentSessions.endedReason(id) === 'expired', GENEROUS_MS, 'the expiry')
+  await waitFor(() => app.agentSessions.endedReason(id) === 'expired', 'the expiry', GENEROUS_MS)
   const res = await ask(app, id, 'still there?')
   t.equal(res.statusCode, 404)
   t.equal(res.json().reason, 'expired')
@@ -98,9 +104,9 @@ t.test('an agent without loadSession is never hibernated', async (t) => {
   const box = sandbox(t)
   const app = await acpApp(t, box, { faults: 'no-load-session', agentIdleTimeout: '100ms', cleanupInterval: '50ms' })
   const id = await startSession(app)
-  const [agent] = mainPids(box)
+  const agent = await onlyAgent(box)
   const sweeps = app.agentSessionsReaper.stats().sweeps
-  await waitFor(() => app.agentSessionsReaper.stats().sweeps >= sweeps + 5, GENEROUS_MS, 'five sweeps past the idle timeout')
+  await waitFor(() => app.agentSessionsReaper.stats().sweeps >= sweeps + 5, 'five sweeps past the idle timeout', GENEROUS_MS)
   t.equal(app.agentSessions.get(id).state, 'idle', 'still live')
   t.ok(isProcessAlive(agent), 'its agent keeps running')
 })
@@ -116,7 +122,7 @@ t.test('a resume that fails answers RESUME_FAILED and ends the session: never a 
   const res = await ask(app, id, 'are you there?')
   t.equal(res.statusCode, 502, res.body)
   t.equal(res.json().error, 'RESUME_FAILED')
-  await waitFor(() => app.agentSessions.endedReason(id), GENEROUS_MS, 'the end')
+  await waitFor(() => app.agentSessions.endedReason(id), 'the end', GENEROUS_MS)
   const after = await ask(app, id, 'and now?')
   t.equal(after.statusCode, 404)
   t.equal(after.json().reason, 'resume_failed')
@@ -141,7 +147,7 @@ t.test('MAX_LIVE_AGENTS: the least recently used idle agent makes room; all busy
     ask(app, second, 'busy [[fault:hang-on-prompt]]'),
     ask(app, third, 'busy [[fault:hang-on-prompt]]')
   ]
-  await waitFor(() => app.agentSessions.counts().busy === 2, GENEROUS_MS, 'two busy sessions')
+  await waitFor(() => app.agentSessions.counts().busy === 2, 'two busy sessions', GENEROUS_MS)
   const refused = await app.inject({ method: 'POST', url: '/api/session/start' })
   t.equal(refused.statusCode, 503, refused.body)
   t.equal(refused.json().error, 'LIVE_AGENT_LIMIT_REACHED')

@@ -69,11 +69,11 @@ t.test('GET /documentation/json lists every route with its parameters, bodies, r
   // Success bodies.
   const props = (route: string): string[] => Object.keys(operation(doc, route).responses['200'].content['application/json'].schema.properties)
   t.match(props('POST /api/session/start'), ['session_id', 'message', 'idle_timeout_seconds', 'expires_at'])
-  t.same(props('POST /api/ask').sort(), ['answer', 'session_id'])
+  t.same(props('POST /api/ask').sort(), ['answer', 'session_id', 'stop_reason'])
   t.match(props('POST /api/heartbeat'), ['message', 'session_id', 'last_activity'])
   t.equal(operation(doc, 'POST /api/heartbeat').responses['200'].content['application/json'].schema.properties.last_activity.format, 'date-time')
   t.same(props('POST /api/session/end').sort(), ['message', 'session_id'])
-  t.match(props('GET /api/health'), ['status', 'version', 'uptime_seconds', 'active_sessions', 'busy_sessions', 'memory_usage_mb', 'agent'])
+  t.match(props('GET /api/health'), ['status', 'version', 'uptime_seconds', 'active_sessions', 'busy_sessions', 'hibernated_sessions', 'memory_usage_mb', 'agent', 'store', 'reaper'])
 
   // The shared error schema, once, by name.
   t.match(doc.components.schemas.AgentSessionsError, {
