@@ -110,11 +110,12 @@ RUN apt-get update \
  && install -d -o root -g node -m 0750 /app \
  && install -d -o agent -g agent -m 2770 /workspace \
  && install -d -o node -g node -m 0700 /state \
- && find / -xdev -type f -perm /6000 -exec chmod ug-s {} + \
- && [ -z "$(find / -xdev -type f -perm /6000)" ]
+ && find / -xdev -type f -perm /6000 -exec chmod ug-s {} +
 # The service's node carries SETUID, SETGID and KILL as file capabilities: a
 # non-root service gets them when it starts (to run agents as AGENT_USER and
-# signal their process groups) and passes none on (no ambient capabilities).
+# signal their process groups); the agents it starts hold none (a non-root
+# exec() of a program without file capabilities keeps only ambient ones,
+# which exec()ing this node has cleared, and the service refuses to hold).
 # Any user who executes this file gains them, so it is 0750 root:node: the
 # agent's user cannot execute (or read) it. Copied and marked in one step, so
 # the image holds one copy of it.
@@ -128,7 +129,11 @@ WORKDIR /app
 COPY --chown=root:node package.json ./
 COPY --chown=root:node --from=deps /src/node_modules ./node_modules
 COPY --chown=root:node --from=build /src/dist ./dist
-COPY --chown=root:node scripts/image/healthcheck.mjs ./healthcheck.mjs
+COPY --chown=root:node --chmod=0750 scripts/image/healthcheck.mjs scripts/image/start.sh ./
+# What the agent could gain from the image: no setuid or setgid file, and no
+# file capabilities but the service's node's (the agent stage included).
+RUN [ -z "$(find / -xdev -type f -perm /6000)" ] \
+ && [ "$(find / -xdev -type f -print0 | xargs -0 getcap)" = '/usr/local/bin/node cap_kill,cap_setgid,cap_setuid=ep' ]
 
 # The agent's PATH is the service's: /opt/agent/bin (with the agent's own
 # node, when it has one) comes first; the service's node is named by its path.
@@ -146,5 +151,7 @@ EXPOSE 3000
 # the agent does not answer or the server shuts down.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
   CMD ["/usr/local/bin/node", "/app/healthcheck.mjs"]
-ENTRYPOINT ["/usr/bin/tini", "--"]
+# start.sh says why when the container lacks SETUID, SETGID or KILL (the kernel
+# would refuse to run the service's node with a bare EPERM), then execs the command.
+ENTRYPOINT ["/usr/bin/tini", "--", "/app/start.sh"]
 CMD ["/usr/local/bin/node", "dist/server.js"]

@@ -524,7 +524,8 @@ function checkAgentUser (spec: string, workspaceDir: string): AgentUser {
   const cannotSwitch = switchUserProblem(user)
   if (cannotSwitch !== undefined) {
     throw new ConfigError(`Invalid configuration: AGENT_USER=${spec} (option agentUser): ${cannotSwitch}. ` +
-      'Run the service as root, or grant it the SETUID, SETGID and KILL capabilities, or unset AGENT_USER.')
+      'Run the service as root, or grant it the SETUID, SETGID and KILL capabilities, or unset AGENT_USER ' +
+      '(the container image: keep those three capabilities and allow privilege escalation, as the README\'s Container image section says).')
   }
   const leak = capabilityLeakProblem(user)
   if (leak !== undefined) {

@@ -48,6 +48,10 @@ t.test('switching users needs CAP_SETUID, CAP_SETGID and CAP_KILL (read from Cap
   t.match(switchUserProblem(user, status('0000000000000000')), /lacks CAP_SETUID, CAP_SETGID, CAP_KILL \(CapEff 0000000000000000/)
   t.match(switchUserProblem(user, status('00000000000000c0')), /lacks CAP_KILL\b/)
   t.match(switchUserProblem(user, status('00000000000000a0')), /lacks CAP_SETGID\b/)
+  t.notMatch(switchUserProblem(user, status('0000000000000000')), /no_new_privs/)
+  t.match(switchUserProblem(user, `${status('0000000000000000')}NoNewPrivs:\t1\n`),
+    /lacks CAP_SETUID, CAP_SETGID, CAP_KILL .*; no_new_privs is set \(NoNewPrivs 1: Kubernetes' allowPrivilegeEscalation: false, --security-opt no-new-privileges\), which makes the kernel ignore file capabilities/,
+    'no_new_privs named: it is why file capabilities did not apply')
   if (process.getuid?.() !== 0) {
     t.match(switchUserProblem(user, status('00000000000000e0', '00000000000000e0')), /ambient capabilities/, 'a non-root service with ambient capabilities')
   }

@@ -117,8 +117,15 @@ export function switchUserProblem (user: AgentUser, statusText?: string): string
   if ((effective >> CAP_SETGID & 1n) === 0n) missing.push('CAP_SETGID')
   if ((effective >> CAP_KILL & 1n) === 0n) missing.push('CAP_KILL')
   if (missing.length > 0) {
+    // no_new_privs makes exec() ignore file capabilities: a non-root service
+    // given them that way (the container image's node) starts without them.
+    const noNewPrivs = /^NoNewPrivs:\s*1$/m.test(status)
     return `the service cannot run processes as ${user.name ?? `uid ${user.uid}`} and signal them: it lacks ${missing.join(', ')} ` +
-      `(CapEff ${effective.toString(16).padStart(16, '0')} in /proc/self/status)`
+      `(CapEff ${effective.toString(16).padStart(16, '0')} in /proc/self/status)` +
+      (noNewPrivs
+        ? '; no_new_privs is set (NoNewPrivs 1: Kubernetes\' allowPrivilegeEscalation: false, --security-opt no-new-privileges), ' +
+          'which makes the kernel ignore file capabilities on the service\'s program'
+        : '')
   }
   // A non-root process keeps its ambient capabilities across setuid() and
   // exec(): the agent would get CAP_SETUID with them and could become the service's user.
