@@ -355,11 +355,23 @@ t.test('the image', { skip: built.ok ? false : built.why }, async (t) => {
     t.comment(`SIGTERM to exit with 5 stuck agents: ${Math.round(ms)} ms (KILL_GRACE ${KILL_GRACE_MS} ms)`)
     t.equal((await podman('wait', c.name)).stdout.trim(), '0', 'exit code 0')
     t.same(await waitForGone(inside, 10_000), [], 'none of the container\'s processes is left (the service, its agents, their grandchildren)')
-    // STATE_DIR=/state: a shutdown hibernates the sessions (their agents stopped, their conversations kept).
-    const hibernated = (await logLines(c)).filter((l) => l.msg === 'session hibernated' && l.why === 'shutdown')
-    t.equal(hibernated.length, 5, 'five sessions hibernated by the shutdown')
+    const logs = await logLines(c)
+    // The image keeps its store on the /state volume: a stop hibernates the sessions instead of ending them.
+    const hibernated = logs.filter((l) => l.msg === 'session hibernated' && l.why === 'shutdown')
+    t.same(hibernated.map((l) => l.sessionId).sort(), [...ids].sort(), 'the five sessions hibernated by the shutdown')
     t.ok(hibernated.every((l) => l.processes === 'killed'), 'each agent (user agent) needed the SIGKILL after KILL_GRACE: stuck for real')
+    t.equal(logs.filter((l) => l.msg === 'session ended').length, 0, 'none ended')
     for (const res of await Promise.all(asks)) t.equal(res.status, 503, 'each stuck ask was answered: shutting down')
+
+    // The same container started again: its sessions come back from /state, and answer.
+    t.equal((await podman('start', c.name)).code, 0, 'started again')
+    t.equal((await firstAnswer(c, 120_000)).status, 200, 'ready again')
+    for (const id of ids) {
+      t.equal((await api(c, 'POST', `/api/heartbeat?session_id=${id}`)).status, 200, `session ${id} is known after the restart`)
+    }
+    const after = await api(c, 'POST', `/api/ask?session_id=${ids[0]}`, { question: 'still there?' })
+    t.equal(after.status, 200, `an ask after the restart is answered: ${JSON.stringify(after.json)}`)
+    t.equal(after.json.session_id, ids[0])
   })
 })
 

@@ -55,7 +55,7 @@ t.test('TRUST_PROXY: behind the listed proxy X-Forwarded-For is the client; othe
     server.proc.kill('SIGTERM')
   }
   // The server refuses to start on a bad value (the others are checked in-process below).
-  for (const [value, message] of [['true', /TRUST_PROXY \(option trustProxy\) must be a hop count, or a comma-separated list of proxy addresses or CIDRs .*got "true"/]] as const) {
+  for (const [value, message] of [['true', /Invalid configuration: TRUST_PROXY must be a hop count, or a comma-separated list of proxy addresses or CIDRs .*got "true"/]] as const) {
     const proc = spawn(process.execPath, [SERVER], { cwd: ROOT, env: cleanEnv({ PORT: '0', TRUST_PROXY: value }), stdio: ['ignore', 'pipe', 'pipe'] })
     let stderr = ''
     proc.stderr.on('data', (chunk: Buffer) => { stderr += String(chunk) })
