@@ -80,10 +80,11 @@ const TOKEN_IN_CONTAINER = '/run/secrets/api-token'
  * for the workspace, the state and the agent's home, the token from TOKEN_FILE,
  * and `caps` (by default only SETUID, SETGID and KILL); removed with its volumes after the test.
  */
-async function startContainer (t: Test, env: Record<string, string> = {}, caps: string[] = CAPS): Promise<Container> {
+async function startContainer (t: Test, env: Record<string, string> = {}, caps: string[] = CAPS, volumesOf?: Container): Promise<Container> {
   const name = `agent-sessions-test-${randomBytes(4).toString('hex')}`
   const port = await freePort()
-  const volumes = [`${name}-workspace`, `${name}-state`, `${name}-agent-home`]
+  const prefix = volumesOf?.name ?? name
+  const volumes = [`${prefix}-workspace`, `${prefix}-state`, `${prefix}-agent-home`]
   t.after(async () => {
     await podman('rm', '--force', '--time', '0', name)
     await podman('volume', 'rm', '--force', ...volumes)
@@ -373,6 +374,28 @@ t.test('the image', { skip: built.ok ? false : built.why }, async (t) => {
     t.equal(after.status, 200, `an ask after the restart is answered: ${JSON.stringify(after.json)}`)
     t.equal(after.json.session_id, ids[0])
   })
+})
+
+t.test('sessions outlive their container: a new one on the same volumes brings them back, conversations included', { skip: built.ok ? false : built.why }, async (t) => {
+  const first = await startContainer(t)
+  t.equal((await firstAnswer(first, 120_000)).status, 200)
+  const start = await api(first, 'POST', '/api/session/start')
+  const id = start.json.session_id as string
+  const before = await api(first, 'POST', `/api/ask?session_id=${id}`, { question: 'first question' })
+  t.equal(before.status, 200)
+  t.match(before.json.answer, /^Answer 1: /)
+  const stop = await podman('stop', '--time', '30', first.name)
+  t.equal(stop.code, 0, 'podman stop')
+  t.equal((await podman('inspect', '--format', '{{.State.ExitCode}}', first.name)).stdout.trim(), '0', 'exit code 0')
+  t.ok((await logLines(first)).some((l) => l.msg === 'session hibernated' && l.sessionId === id), 'hibernated on the state volume')
+  t.equal((await podman('rm', first.name)).code, 0, 'the container removed (an upgrade replaces it)')
+  // The agent's conversation lives in its home (the simulator's chats, as Cursor's under ~/.cursor): that volume comes along.
+  const second = await startContainer(t, {}, CAPS, first)
+  t.equal((await firstAnswer(second, 120_000)).status, 200)
+  t.equal((await api(second, 'POST', `/api/heartbeat?session_id=${id}`)).status, 200, 'the session is known to the new container')
+  const after = await api(second, 'POST', `/api/ask?session_id=${id}`, { question: 'second question' })
+  t.equal(after.status, 200, JSON.stringify(after.json))
+  t.match(after.json.answer, /^Answer 2: /, 'the agent resumed the same conversation (its second answer)')
 })
 
 t.test('the HEALTHCHECK fails while the agent is unusable', { skip: built.ok ? false : built.why }, async (t) => {
