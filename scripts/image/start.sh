@@ -1,6 +1,6 @@
 #!/bin/sh
-# The image's command runs through this check (tini -> this -> node, one exec,
-# no process left in between). The service's node carries SETUID, SETGID and
+# The image's command runs through this check (tini -> this -> setpriv -> node,
+# each an exec, no process left in between). The service's node carries SETUID, SETGID and
 # KILL as file capabilities (to run the agent as its own user); when the
 # container's bounding set lacks one of them (--cap-drop ALL without the
 # matching --cap-add, Kubernetes' capabilities.drop [ALL] without add), the
@@ -21,6 +21,13 @@ case "${1:-}" in
         "or securityContext.capabilities: { drop: [ALL], add: [SETUID, SETGID, KILL] } (Kubernetes)." >&2
       exit 1
     fi
+    # podman's --cap-add hands a non-root user the added capabilities as
+    # inheritable and ambient ones too. Executing node (file capabilities)
+    # clears the ambient set but keeps the inheritable one, which every agent
+    # would carry: with it, a program with inheritable file capabilities (a
+    # prepared file in a bind-mounted workspace) would grant them to the
+    # agent. Neither set is needed: drop both, as under Docker and Kubernetes.
+    exec setpriv --inh-caps=-all --ambient-caps=-all -- "$@"
     ;;
 esac
 exec "$@"
