@@ -11,7 +11,8 @@ const BENCHMARKS: Record<string, () => Promise<{ run: () => Promise<BenchResult>
   memory: async () => await import('./memory.js'),
   precision: async () => await import('./precision.js'),
   acp: async () => await import('./acp.js'),
-  'sse-fanout': async () => await import('./sse-fanout.js')
+  'sse-fanout': async () => await import('./sse-fanout.js'),
+  durability: async () => await import('./durability.js')
 }
 
 const name = process.argv[2] ?? ''
