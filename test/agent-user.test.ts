@@ -11,10 +11,10 @@
 
 import t, { type Test } from 'tap'
 import { execFileSync } from 'node:child_process'
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { resolveAgentUser, switchUserProblem, workspaceAccessProblem } from '../lib/processes/agent-user.js'
+import { capabilityLeakProblem, resolveAgentUser, switchUserProblem, workspaceAccessProblem } from '../lib/processes/agent-user.js'
 import { SIMULATOR, build } from './helpers/index.js'
 import { checkoutOutOfReach, needsRoot, NOBODY, refusedStart, SERVER, sharedSandbox, STRANGER_UID } from './helpers/agent-user.js'
 
@@ -48,9 +48,39 @@ t.test('switching users needs CAP_SETUID, CAP_SETGID and CAP_KILL (read from Cap
   t.match(switchUserProblem(user, status('0000000000000000')), /lacks CAP_SETUID, CAP_SETGID, CAP_KILL \(CapEff 0000000000000000/)
   t.match(switchUserProblem(user, status('00000000000000c0')), /lacks CAP_KILL\b/)
   t.match(switchUserProblem(user, status('00000000000000a0')), /lacks CAP_SETGID\b/)
+  t.notMatch(switchUserProblem(user, status('0000000000000000')), /no_new_privs/)
+  t.match(switchUserProblem(user, `${status('0000000000000000')}NoNewPrivs:\t1\n`),
+    /lacks CAP_SETUID, CAP_SETGID, CAP_KILL .*; no_new_privs is set \(NoNewPrivs 1: Kubernetes' allowPrivilegeEscalation: false, --security-opt no-new-privileges\), which makes the kernel ignore file capabilities/,
+    'no_new_privs named: it is why file capabilities did not apply')
   if (process.getuid?.() !== 0) {
     t.match(switchUserProblem(user, status('00000000000000e0', '00000000000000e0')), /ambient capabilities/, 'a non-root service with ambient capabilities')
   }
+})
+
+t.test('a non-root service holding capabilities through its program\'s file capabilities: the agent user must not be able to execute that program', async (t) => {
+  const base = mkdtempSync(join(tmpdir(), 'agent-sessions-caps-'))
+  t.after(() => rmSync(base, { recursive: true, force: true }))
+  chmodSync(base, 0o755)
+  const program = join(base, 'node')
+  writeFileSync(program, '')
+  const agent = { uid: STRANGER_UID, gid: STRANGER_UID, name: 'agent' }
+  const status = (prm: string, eff = prm): string => `Name:\tnode\nCapPrm:\t${prm}\nCapEff:\t${eff}\nCapAmb:\t0000000000000000\n`
+  const service = { execPath: program, euid: 1000, status: status('00000000000000e0') }
+  chmodSync(program, 0o755)
+  t.match(capabilityLeakProblem(agent, service),
+    new RegExp(`^${program} gives its capabilities \\(CapPrm 00000000000000e0, file capabilities\\) to whoever runs it, and agent can execute it \\(mode 0755, owner \\d+:\\d+\\)`))
+  t.equal(capabilityLeakProblem(agent, { ...service, status: status('0000000000000000') }), undefined, 'no capabilities: nothing to gain')
+  t.equal(capabilityLeakProblem(agent, { ...service, euid: 0 }), undefined, 'root: its capabilities are its uid\'s, lost on becoming the agent user')
+  chmodSync(program, 0o750)
+  t.equal(capabilityLeakProblem(agent, service), undefined, 'mode 0750, not the agent\'s group: it cannot execute it')
+  t.match(capabilityLeakProblem({ ...agent, gid: statSync(program).gid }, service), /can execute it \(mode 0750/, 'unless it is the program\'s group')
+  chmodSync(program, 0o755)
+  chmodSync(base, 0o700)
+  t.equal(capabilityLeakProblem(agent, service), undefined, 'nor through a directory it cannot enter')
+  chmodSync(base, 0o755)
+  const link = join(base, 'node-link')
+  symlinkSync(program, link)
+  t.match(capabilityLeakProblem(agent, { ...service, execPath: link }), new RegExp(`^${program} gives`), 'the program behind a symlink')
 })
 
 t.test('WORKSPACE_DIR must be enterable and listable by the agent user', async (t) => {
