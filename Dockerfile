@@ -1,58 +1,119 @@
-# syntax=docker/dockerfile:1
-# fastify-agent-sessions: the standalone server with cursor-agent installed.
-#   docker build -t fastify-agent-sessions .
-#   docker run --rm -p 3000:3000 -v "$PWD":/workspace -e CURSOR_API_KEY -e API_TOKEN fastify-agent-sessions
+# fastify-agent-sessions: the standalone server and a coding agent in one image.
+#
+#   docker build -t fastify-agent-sessions .                       (Cursor's agent, pinned)
+#   docker build --build-arg AGENT_INSTALL=simulator -t fastify-agent-sessions .
+#   podman build --format docker ...                                (podman's default OCI format drops HEALTHCHECK and SHELL)
+#   scripts/image/build.sh                                          (offline, on a machine without Docker Hub)
+#
+# Run it as the README's "Container image" section says: named volumes for
+# /workspace and /state, API_TOKEN, a stop timeout of 30 s (Docker's 10 s
+# equals the server's own graceful-close limit, KILL_GRACE + 5 s).
 
-ARG NODE_VERSION=20
+ARG NODE_VERSION=26
+ARG NODE_IMAGE=node:${NODE_VERSION}-bookworm-slim
+ARG DEBIAN_IMAGE=debian:bookworm-slim
 
-# Build: every dependency (TypeScript is a devDependency), then compile to dist/.
-FROM node:${NODE_VERSION}-bookworm-slim AS build
-WORKDIR /app
+# Build: every dependency (TypeScript is a devDependency), then compile to dist/
+# without source maps or declarations (those ship in the npm package only).
+FROM ${NODE_IMAGE} AS build
+WORKDIR /src
 COPY package.json package-lock.json ./
 RUN npm ci --no-audit --no-fund
 COPY tsconfig.json tsconfig.build.json app.ts server.ts ./
 COPY lib ./lib
 COPY plugins ./plugins
 COPY routes ./routes
-RUN npx tsc -p tsconfig.build.json
+RUN npx tsc -p tsconfig.build.json --sourceMap false --declaration false \
+ && chmod -R u=rwX,g=rX,o= dist
 
 # Production dependencies only, from the lockfile; none needs an install script.
-FROM node:${NODE_VERSION}-bookworm-slim AS deps
-WORKDIR /app
+# Type declarations and source maps are never loaded at run time.
+FROM ${NODE_IMAGE} AS deps
+WORKDIR /src
 COPY package.json package-lock.json ./
-RUN npm ci --omit=dev --ignore-scripts --no-audit --no-fund && npm cache clean --force
+RUN npm ci --omit=dev --ignore-scripts --no-audit --no-fund \
+ && find node_modules -type f \( -name '*.d.ts' -o -name '*.d.mts' -o -name '*.d.cts' -o -name '*.map' \) -delete \
+ && chmod -R u=rwX,g=rX,o= node_modules
 
-FROM node:${NODE_VERSION}-bookworm-slim AS runtime
-# tini as PID 1: forwards SIGTERM to node and reaps the agent's orphaned
-# children. curl and ca-certificates for Cursor's installer; git because the
-# agent reads and edits repositories.
+# The agent, in a stage of its own: its download tools never reach the
+# runtime image, and nothing above invalidates the download.
+#   AGENT_INSTALL=cursor               Cursor's agent CLI at CURSOR_VERSION, checked against CURSOR_SHA256
+#                                      (the package Cursor's installer fetches; the default pin is the
+#                                      linux x64 build, pass both arguments for another version or arm64)
+#   AGENT_INSTALL=npm:<pkg>@<version>  an ACP agent from the npm registry, exact version
+#   AGENT_INSTALL=simulator            the bundled cursor-agent simulator (tests, trying it out)
+# Every entry point lands in /opt/agent/bin, which is on PATH.
+FROM ${NODE_IMAGE} AS agent
+SHELL ["/bin/bash", "-o", "pipefail", "-euc"]
+ARG AGENT_INSTALL=cursor
+ARG CURSOR_VERSION=2026.06.26-7079533
+ARG CURSOR_SHA256=7d93655a474f42c2b5d927e62a61be56bc560380dfeec005409e43493a2af848
+COPY test/fixtures/fake-cursor-agent.mjs /tmp/simulator.mjs
+RUN mkdir -p /opt/agent/bin; \
+    case "$AGENT_INSTALL" in \
+      cursor) \
+        [[ -n "$CURSOR_VERSION" && "$CURSOR_SHA256" =~ ^[0-9a-f]{64}$ ]] \
+          || { echo "AGENT_INSTALL=cursor needs CURSOR_VERSION and CURSOR_SHA256 (64 hex digits)" >&2; exit 1; }; \
+        arch=$(dpkg --print-architecture); [[ $arch == amd64 ]] && arch=x64; \
+        apt-get update; apt-get install -y --no-install-recommends curl ca-certificates; \
+        curl -fsSL -o /tmp/cursor.tgz "https://downloads.cursor.com/lab/${CURSOR_VERSION}/linux/${arch}/agent-cli-package.tar.gz"; \
+        echo "${CURSOR_SHA256}  /tmp/cursor.tgz" | sha256sum --check --strict -; \
+        mkdir /opt/agent/cursor; tar --strip-components=1 --no-same-owner -xzf /tmp/cursor.tgz -C /opt/agent/cursor; \
+        ln -s ../cursor/cursor-agent /opt/agent/bin/cursor-agent; ln -s ../cursor/cursor-agent /opt/agent/bin/agent ;; \
+      npm:*) \
+        [[ "${AGENT_INSTALL#npm:}" =~ ^(@[a-z0-9._-]+/)?[a-z0-9._-]+@[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.-]+)?$ ]] \
+          || { echo "AGENT_INSTALL=npm:<package>@<version> needs an exact version; got '$AGENT_INSTALL'" >&2; exit 1; }; \
+        mkdir /opt/agent/npm; cd /opt/agent/npm; echo '{"private":true}' > package.json; \
+        npm install --omit=dev --no-audit --no-fund --no-package-lock "${AGENT_INSTALL#npm:}"; \
+        for bin in /opt/agent/npm/node_modules/.bin/*; do ln -s "../npm/node_modules/.bin/${bin##*/}" /opt/agent/bin/; done ;; \
+      simulator) \
+        install -m 0755 /tmp/simulator.mjs /opt/agent/simulator.mjs; ln -s ../simulator.mjs /opt/agent/bin/cursor-agent ;; \
+      *) \
+        echo "AGENT_INSTALL must be cursor, npm:<package>@<exact version> or simulator; got '$AGENT_INSTALL'" >&2; exit 1 ;; \
+    esac; \
+    chmod -R go-w /opt/agent; \
+    ls -l /opt/agent/bin
+
+FROM ${NODE_IMAGE} AS node
+
+FROM ${DEBIAN_IMAGE} AS runtime
+SHELL ["/bin/bash", "-o", "pipefail", "-euc"]
+# tini as PID 1: forwards SIGTERM to node and reaps the agents' orphans.
+# libatomic1: Node 25 and later need it. ca-certificates: the agent's HTTPS.
+# git: the agent reads and edits repositories.
+# Users: node (1000) runs the service; agent (1001) is for agent processes
+# (AGENT_USER). The application is root's and read-only to node, unreadable
+# to agent; /workspace is the agent's; /state is the service's alone.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends tini ca-certificates curl git \
- && rm -rf /var/lib/apt/lists/* \
- && mkdir /workspace && chown node:node /workspace
+ && apt-get install -y --no-install-recommends tini libatomic1 ca-certificates git \
+ && apt-get clean && rm -rf /var/lib/apt/lists/* /var/log/apt /var/log/dpkg.log \
+ && groupadd --gid 1000 node && useradd --uid 1000 --gid node --shell /usr/sbin/nologin --create-home node \
+ && groupadd --gid 1001 agent && useradd --uid 1001 --gid agent --shell /bin/bash --create-home agent \
+ && usermod --append --groups agent node \
+ && chmod 0750 /home/node /home/agent \
+ && install -d -o root -g node -m 0750 /app \
+ && install -d -o agent -g agent -m 2770 /workspace \
+ && install -d -o node -g node -m 0700 /state
+COPY --from=node /usr/local/bin/node /usr/local/bin/node
+COPY --from=agent /opt/agent /opt/agent
+# WORKDIR exists already (root's): BuildKit would create a missing one owned by the current user.
+WORKDIR /app
+COPY --chown=root:node package.json ./
+COPY --chown=root:node --from=deps /src/node_modules ./node_modules
+COPY --chown=root:node --from=build /src/dist ./dist
+COPY --chown=root:node scripts/image/healthcheck.mjs ./healthcheck.mjs
 
-# The installer puts cursor-agent in ~/.local/bin of the user who runs it.
 ENV NODE_ENV=production \
     HOST=0.0.0.0 \
     PORT=3000 \
     WORKSPACE_DIR=/workspace \
-    PATH=/home/node/.local/bin:$PATH
+    PATH=/opt/agent/bin:$PATH
 
 USER node
-# pipefail: a failed download must fail the build, not pipe nothing into bash.
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-RUN curl https://cursor.com/install -fsS | bash && cursor-agent --version
-
-WORKDIR /app
-# Owned by root and read-only to the node user: the agent runs shell commands
-# as node, and must not be able to rewrite the service.
-COPY package.json ./
-COPY --from=deps /app/node_modules ./node_modules
-COPY --from=build /app/dist ./dist
-
 EXPOSE 3000
-VOLUME ["/workspace"]
-HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
-  CMD ["node", "-e", "fetch('http://127.0.0.1:' + (process.env.PORT || 3000) + '/api/health').then((r) => process.exit(r.ok ? 0 : 1), () => process.exit(1))"]
+# Readiness at the address the server listens on (HOST, PORT): unhealthy while
+# the agent does not answer or the server shuts down.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+  CMD ["node", "/app/healthcheck.mjs"]
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["node", "dist/server.js"]

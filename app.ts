@@ -76,4 +76,7 @@ export type {
 export type { SessionManager, SessionInfo, EndReport, SweepReport, SessionState } from './lib/sessions/manager.js'
 export type { Sweeper, SweeperStats } from './lib/sessions/sweeper.js'
 export type { TeardownReport, TeardownStage } from './lib/processes/terminate.js'
+export type { AgentUser } from './lib/processes/agent-user.js'
 export { AgentSessionError, type ErrorCode } from './lib/errors.js'
+// For a host's own Fastify({ ... }): what the standalone server sets at the server level (see the README).
+export { clientErrorHandler, receiveTimeoutOptions, trustProxyOption } from './plugins/http.js'

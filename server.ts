@@ -7,8 +7,9 @@ import type { IncomingMessage } from 'node:http'
 import Fastify from 'fastify'
 import closeWithGrace from 'close-with-grace'
 import envSchema from 'env-schema'
+import pino from 'pino'
 import agentSessions from './app.js'
-import { sendError, toAgentSessionError } from './plugins/http.js'
+import { clientErrorHandler, receiveTimeoutOptions, sendError, toAgentSessionError, trustProxyOption } from './plugins/http.js'
 import { killTrackedGroupsNow } from './lib/processes/terminate.js'
 import { defaultStateDir, StateDirError } from './lib/state-dir.js'
 import { ConfigError, describeEnvError, envJsonSchema, exposureError, resolveConfig, type AgentSessionsConfig } from './lib/config.js'
@@ -38,8 +39,22 @@ function loadConfig (): AgentSessionsConfig {
 const config = loadConfig()
 
 const fastify = Fastify({
-  logger: { level: config.logLevel },
+  logger: {
+    level: config.logLevel,
+    // Synchronous writes to stdout: once its reader is gone, the first write
+    // fails with EPIPE and logging stops. pino's default (asynchronous)
+    // destination flushes synchronously on exit and retries EPIPE forever,
+    // which hung shutdown and swallowed every later signal.
+    stream: pino.destination({ dest: 1, sync: true })
+  },
   bodyLimit: config.bodyLimit,
+  // The client address (request.ip: logs, START_RATE_LIMIT, MAX_SESSIONS_PER_CLIENT) comes from
+  // X-Forwarded-For only when the connection comes from a proxy TRUST_PROXY names.
+  trustProxy: trustProxyOption(config.trustProxy),
+  // RECEIVE_TIMEOUT: a client that trickles its headers or body is cut off with 408.
+  ...receiveTimeoutOptions(config.receiveTimeoutMs),
+  // What Node's HTTP parser refuses (431, 408, malformed HTTP) in the API's error shape.
+  clientErrorHandler,
   // Reuse a well-formed X-Request-ID from the client (tracing across proxies), else make one.
   requestIdHeader: false,
   genReqId: (req: IncomingMessage) => {

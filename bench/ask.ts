@@ -8,8 +8,7 @@
 
 import { spawn } from 'node:child_process'
 import { Agent, request } from 'node:http'
-import { SERVICE_ENV_NAMES } from '../lib/config.js'
-import { turnArgs } from '../lib/agents/cursor-print.js'
+import { CURSOR_AGENT_ENV_NAMES, turnArgs } from '../lib/agents/cursor-print.js'
 import type { ProcessReport } from '../lib/agents/types.js'
 import { agentEnvironment } from '../lib/processes/environment.js'
 import { fmt, killLeftovers, signed, QUICK, removeDir, round, sandbox, stillRunning, summarize, type BenchResult, serviceApp } from './lib.js'
@@ -59,7 +58,7 @@ export async function run (): Promise<BenchResult> {
 
   // The same argv and environment the service builds for a turn.
   const config = app.agentSessionsConfig
-  const env = agentEnvironment(process.env, SERVICE_ENV_NAMES, agentEnv)
+  const env = agentEnvironment(process.env, { pass: [...config.agentEnvPass, ...CURSOR_AGENT_ENV_NAMES], extra: agentEnv, user: config.agentUser })
   const argvOf = (chatId: string): string[] => turnArgs(chatId, {
     workspaceDir: config.workspaceDir,
     model: config.agentModel,

@@ -198,6 +198,8 @@ export async function runSoak (partial: Partial<SoakOptions> = {}): Promise<Soak
     killGrace: options.killGraceMs,
     askTimeout: options.askTimeoutMs,
     maxSessions: 10_000,
+    // Every simulated client connects from 127.0.0.1.
+    maxSessionsPerClient: 10_000,
     startRateLimit: 1_000_000,
     agentEnv: { FAKE_AGENT_STATE_DIR: stateDir }
   }

@@ -13,7 +13,6 @@
 import { spawn } from 'node:child_process'
 import { readFileSync } from 'node:fs'
 import { type LightMyRequestResponse } from 'fastify'
-import { SERVICE_ENV_NAMES } from '../lib/config.js'
 import { agentEnvironment } from '../lib/processes/environment.js'
 import type { EndReport } from '../lib/sessions/manager.js'
 import { signalGroup } from '../lib/processes/terminate.js'
@@ -168,7 +167,7 @@ async function closeWithStuckSessions (n: number, graceMs: number): Promise<Roun
  * to every group; ms from the first signal until every one has exited.
  */
 async function bareLadder (n: number, graceMs: number, stateDir: string): Promise<number> {
-  const env = { ...agentEnvironment(process.env, SERVICE_ENV_NAMES, { FAKE_AGENT_STATE_DIR: stateDir }), FAKE_AGENT_FAULTS: 'stall,ignore-sigterm' }
+  const env = { ...agentEnvironment(process.env, { extra: { FAKE_AGENT_STATE_DIR: stateDir } }), FAKE_AGENT_FAULTS: 'stall,ignore-sigterm' }
   const children = Array.from({ length: n }, () => spawn(SIMULATOR, ['create-chat'], { cwd: ROOT, env, detached: true, stdio: 'ignore' }))
   const exited = children.map((c) => new Promise<void>((resolve) => {
     c.once('exit', () => resolve())

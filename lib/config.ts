@@ -2,11 +2,12 @@
 // and default. The env schema (validated by env-schema / @fastify/env), the
 // option mapping and the typed config object are all derived from this table.
 
-import { statSync } from 'node:fs'
-import { isIPv4, isIPv6 } from 'node:net'
+import { readFileSync, statSync } from 'node:fs'
+import { isIP, isIPv4, isIPv6 } from 'node:net'
 import { totalmem } from 'node:os'
 import { resolve } from 'node:path'
 import { parse as parseShellWords, quote as quoteShellWords } from 'shell-quote'
+import { resolveAgentUser, switchUserProblem, workspaceAccessProblem, type AgentUser } from './processes/agent-user.js'
 
 type Kind = 'duration' | 'integer' | 'string' | 'boolean' | 'signal' | 'list' | 'command'
 
@@ -23,6 +24,8 @@ interface Setting {
   hint?: string
   /** Read by the standalone server only; not a plugin option (an embedder's host owns these). */
   serverOnly?: boolean
+  /** Set means meant: present but blank (an empty variable, an option read from one that is unset) is an error, never "off". */
+  secret?: boolean
 }
 
 export const SETTINGS = [
@@ -50,17 +53,24 @@ export const SETTINGS = [
   { env: 'STREAM_HEARTBEAT', option: 'streamHeartbeat', kind: 'duration', default: '15s', min: 100 },
   { env: 'STREAM_BUFFER_BYTES', option: 'streamBufferBytes', kind: 'integer', default: '1048576', min: 1024 },
   { env: 'MAX_SESSIONS', option: 'maxSessions', kind: 'integer', default: '100', min: 1 },
+  { env: 'MAX_SESSIONS_PER_CLIENT', option: 'maxSessionsPerClient', kind: 'integer', default: '20', min: 1 },
   { env: 'MAX_QUESTION_BYTES', option: 'maxQuestionBytes', kind: 'integer', default: '65536', min: 1 },
   { env: 'MAX_ANSWER_BYTES', option: 'maxAnswerBytes', kind: 'integer', default: '16777216', min: 1024 },
   { env: 'BODY_LIMIT', option: 'bodyLimit', kind: 'integer', default: '1048576', min: 1024 },
-  { env: 'API_TOKEN', option: 'apiToken', kind: 'string' },
+  { env: 'API_TOKEN', option: 'apiToken', kind: 'string', secret: true },
+  { env: 'API_TOKEN_FILE', option: 'apiTokenFile', kind: 'string', secret: true },
   // One exact value, so that a `=true` or `=1` set in passing does not open the server.
   { env: 'ALLOW_UNAUTHENTICATED_NON_LOOPBACK', option: 'allowUnauthenticatedNonLoopback', kind: 'string', enum: ['i-understand'], serverOnly: true },
   { env: 'START_RATE_LIMIT', option: 'startRateLimit', kind: 'integer', default: '30', min: 1 },
   { env: 'START_RATE_WINDOW', option: 'startRateWindow', kind: 'duration', default: '1m', min: 1 },
+  // Longest a client may take to send a whole request (headers and body); answers are not limited by it.
+  { env: 'RECEIVE_TIMEOUT', option: 'receiveTimeout', kind: 'duration', default: '30s', min: 100, serverOnly: true },
+  { env: 'TRUST_PROXY', option: 'trustProxy', kind: 'string', serverOnly: true },
   { env: 'AGENT_MODEL', option: 'agentModel', kind: 'string' },
   { env: 'AGENT_FORCE', option: 'agentForce', kind: 'boolean', default: 'false' },
   { env: 'AGENT_TRUST', option: 'agentTrust', kind: 'boolean', default: 'true' },
+  { env: 'AGENT_USER', option: 'agentUser', kind: 'string' },
+  { env: 'AGENT_ENV_PASS', option: 'agentEnvPass', kind: 'list' },
   { env: 'CORS_ORIGINS', option: 'corsOrigins', kind: 'list' },
   // Clustering (off unless REDIS_URL is set): see lib/cluster/.
   { env: 'REDIS_URL', option: 'redisUrl', kind: 'string', pattern: '^\\s*rediss?://\\S+\\s*$', hint: 'a redis:// or rediss:// URL' },
@@ -104,18 +114,31 @@ export interface AgentSessionsConfig {
   /** How long starting an agent may take: create-chat, or spawn + initialize + session/new (or session/load). */
   startTimeoutMs: number
   maxSessions: number
+  /** Sessions one client (IP address, see trustProxy) may hold at once. */
+  maxSessionsPerClient: number
   maxQuestionBytes: number
   maxAnswerBytes: number
   bodyLimit: number
+  /** The bearer token, from API_TOKEN or read from API_TOKEN_FILE; undefined: no authentication. */
   apiToken?: string
+  /** Where apiToken was read from, when it came from a file. */
+  apiTokenFile?: string
   /** Server only: listen beyond loopback without API_TOKEN (ALLOW_UNAUTHENTICATED_NON_LOOPBACK=i-understand). */
   allowUnauthenticatedNonLoopback: boolean
   /** Session starts allowed per client (IP address) per startRateWindowMs. */
   startRateLimit: number
   startRateWindowMs: number
+  /** Server only: longest a client may take to send a whole request. */
+  receiveTimeoutMs: number
+  /** Server only: Fastify's trustProxy: a hop count, or the addresses / CIDRs of trusted proxies; undefined: off. */
+  trustProxy?: number | string[]
   agentModel?: string
   agentForce: boolean
   agentTrust: boolean
+  /** The OS user every agent process runs as; undefined: the service's own user. */
+  agentUser?: AgentUser
+  /** Names of server environment variables passed to the agent beyond the base set. */
+  agentEnvPass: string[]
   /** Browser origins allowed by CORS; `['*']` allows any; undefined leaves CORS off. */
   corsOrigins?: string[]
   /** Shared state for a cluster of instances; undefined: this instance stands alone. */
@@ -154,15 +177,23 @@ export interface AgentSessionsSettings {
   askTimeout?: string | number
   startTimeout?: string | number
   maxSessions?: number
+  maxSessionsPerClient?: number
   maxQuestionBytes?: number
   maxAnswerBytes?: number
   bodyLimit?: number
+  /** The bearer token clients must send. Present means meant: an empty or undefined value is a configuration error. */
   apiToken?: string
+  /** A file holding the bearer token (a Docker or Kubernetes secret); one trailing newline is ignored. */
+  apiTokenFile?: string
   startRateLimit?: number
   startRateWindow?: string | number
   agentModel?: string
   agentForce?: boolean
   agentTrust?: boolean
+  /** An OS user name, or `uid[:gid]`, that every agent process runs as. */
+  agentUser?: string | number
+  /** Server environment variables the agent also gets (a comma-separated string or an array of names). */
+  agentEnvPass?: string | readonly string[]
   /** `'*'`, or origins such as `https://app.example.com` (a comma-separated string or an array). */
   corsOrigins?: string | readonly string[]
   /** redis:// or rediss:// URL of the Redis a cluster of instances shares. */
@@ -215,9 +246,17 @@ export function optionsAsEnv (options: AgentSessionsSettings): Record<string, st
   for (const setting of SETTINGS as readonly Setting[]) {
     if (setting.serverOnly === true) continue
     const value = (options as Record<string, unknown>)[setting.option]
+    if (setting.secret === true && Object.hasOwn(options, setting.option)) {
+      // `apiToken: process.env.SOME_TOKEN` with SOME_TOKEN unset must not silently turn authentication off.
+      if (typeof value !== 'string' || value.trim() === '') {
+        throw invalid(setting, 'a non-empty string when given (leave the option out for none)', value)
+      }
+    }
     if (value === undefined || value === null) continue
     // argv given as an array is quoted back into one command line, so it splits into the same words.
-    env[setting.env] = setting.kind === 'command' && Array.isArray(value) ? quoteShellWords(value as string[]) : String(value)
+    env[setting.env] = setting.kind === 'command' && Array.isArray(value)
+      ? quoteShellWords(value as string[])
+      : Array.isArray(value) ? value.join(',') : String(value)
   }
   return env
 }
@@ -235,7 +274,7 @@ function settingOf (env: string): Setting {
 
 /** The one shape of a bad-setting message: it names the variable, the option and what it takes. */
 function invalid (setting: Setting, expected: string, got: unknown): ConfigError {
-  return new ConfigError(`Invalid configuration: ${setting.env} (option ${setting.option}) must be ${expected}, got ${JSON.stringify(got)}`)
+  return new ConfigError(`Invalid configuration: ${setting.env} (option ${setting.option}) must be ${expected}, got ${got === undefined ? 'undefined' : JSON.stringify(got)}`)
 }
 
 const HINT: Record<Kind, string> = {
@@ -259,14 +298,20 @@ export function describeEnvError (err: unknown, values: Record<string, unknown> 
   return invalid(setting, expected, values[setting.env])
 }
 
-/**
- * A comma-separated list. CORS_ORIGINS is the only one: `*`, or origins exactly
- * as browsers send them (scheme://host[:port], no path), since @fastify/cors
- * compares the Origin header as a string and a typo would silently deny.
- */
+/** A comma-separated list, each item checked for what its setting holds. */
 function checkList (setting: Setting, text: string): string[] | undefined {
   const items = text.split(',').map((item) => item.trim()).filter((item) => item !== '')
   if (items.length === 0) return undefined
+  if (setting.env === 'AGENT_ENV_PASS') return checkEnvNames(setting, items)
+  return checkOrigins(setting, text, items)
+}
+
+/**
+ * CORS_ORIGINS: `*`, or origins exactly as browsers send them
+ * (scheme://host[:port], no path), since @fastify/cors compares the Origin
+ * header as a string and a typo would silently deny.
+ */
+function checkOrigins (setting: Setting, text: string, items: string[]): string[] {
   if (items.includes('*')) {
     if (items.length > 1) throw invalid(setting, '* alone or a list of origins', text)
     return items
@@ -307,11 +352,75 @@ function parseCommand (setting: Setting, text: string): string[] | undefined {
   return words
 }
 
+const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/
+
+/** AGENT_ENV_PASS: variable names; the service's own settings never reach the agent, whatever is listed. */
+function checkEnvNames (setting: Setting, items: string[]): string[] {
+  for (const item of items) {
+    if (!ENV_NAME.test(item)) throw invalid(setting, 'a comma-separated list of environment variable names', item)
+    if (SERVICE_ENV_NAMES.includes(item)) {
+      throw invalid(setting, 'names of variables for the agent, not the service\'s own settings', item)
+    }
+  }
+  return items
+}
+
+/**
+ * TRUST_PROXY: a hop count, or the addresses / CIDRs of the proxies whose
+ * X-Forwarded-For is believed (also proxy-addr's names loopback, linklocal,
+ * uniquelocal). `true` (believe anyone) is refused: any client could then
+ * pick its own address and escape the per-client limits.
+ */
+function checkTrustProxy (setting: Setting, text: string): number | string[] {
+  if (/^\d+$/.test(text)) {
+    const hops = Number(text)
+    if (hops < 1 || hops > 100) throw invalid(setting, 'a hop count from 1 to 100, or proxy addresses', text)
+    return hops
+  }
+  const items = text.split(',').map((item) => item.trim()).filter((item) => item !== '')
+  for (const item of items) {
+    if (['loopback', 'linklocal', 'uniquelocal'].includes(item)) continue
+    const [address, bits, extra] = item.split('/')
+    const family = isIP(address)
+    const maxBits = family === 4 ? 32 : 128
+    const goodBits = bits === undefined || (/^\d+$/.test(bits) && Number(bits) <= maxBits)
+    if (family === 0 || !goodBits || extra !== undefined) {
+      throw invalid(setting, 'a hop count, or a comma-separated list of proxy addresses or CIDRs (10.0.0.0/8, ::1)', item)
+    }
+  }
+  if (items.length === 0) throw invalid(setting, 'a hop count, or a comma-separated list of proxy addresses or CIDRs', text)
+  return items
+}
+
+/** The bearer token: no whitespace inside, since clients could never send it in an Authorization header. */
+function checkToken (setting: Setting, token: string, shown: string): string {
+  if (token === '') throw invalid(setting, 'a non-empty token (unset it for none)', shown)
+  if (/\s/.test(token)) throw invalid(setting, 'a token without whitespace', shown)
+  return token
+}
+
+/** Reads API_TOKEN_FILE: the whole file, less one trailing newline (what `echo` and most secret stores add). */
+function readTokenFile (setting: Setting, path: string): string {
+  let text: string
+  try {
+    text = readFileSync(path, 'utf8')
+  } catch (err) {
+    throw invalid(setting, `a readable file holding the token (${(err as NodeJS.ErrnoException).code ?? String(err)})`, path)
+  }
+  const token = text.replace(/\r?\n$/, '')
+  if (token.trim() === '') throw invalid(setting, 'a file holding the token (it is empty)', path)
+  return checkToken(setting, token, path)
+}
+
 /** Converts the validated string values into the typed config, checking ranges and cross-field rules. */
 export function resolveConfig (env: Record<string, unknown>): AgentSessionsConfig {
   const values: Record<string, unknown> = {}
   for (const setting of SETTINGS as readonly Setting[]) {
     const raw = env[setting.env]
+    if (setting.secret === true && raw !== undefined && String(raw).trim() === '') {
+      // API_TOKEN= (say, from an unset variable in a compose file) must not silently turn authentication off.
+      throw invalid(setting, 'non-empty when set (unset it for none)', raw)
+    }
     if (raw === undefined || raw === '') continue
     const text = String(raw).trim()
     let value: unknown = text
@@ -331,6 +440,8 @@ export function resolveConfig (env: Record<string, unknown>): AgentSessionsConfi
       value = checkList(setting, text)
     } else if (setting.kind === 'command') {
       value = parseCommand(setting, text)
+    } else if (setting.env === 'TRUST_PROXY') {
+      value = checkTrustProxy(setting, text)
     }
     values[setting.option] = value
   }
@@ -343,6 +454,15 @@ export function resolveConfig (env: Record<string, unknown>): AgentSessionsConfi
   if (!isDir) {
     throw invalid(settingOf('WORKSPACE_DIR'), 'an existing directory', workspaceDir)
   }
+
+  if (values.apiToken !== undefined && values.apiTokenFile !== undefined) {
+    throw new ConfigError('Invalid configuration: API_TOKEN (option apiToken) and API_TOKEN_FILE (option apiTokenFile) are both set: set one of them')
+  }
+  const apiToken = values.apiTokenFile !== undefined
+    ? readTokenFile(settingOf('API_TOKEN_FILE'), resolve(values.apiTokenFile as string))
+    : values.apiToken === undefined ? undefined : checkToken(settingOf('API_TOKEN'), values.apiToken as string, '<hidden>')
+
+  const agentUser = values.agentUser === undefined ? undefined : checkAgentUser(values.agentUser as string, workspaceDir)
 
   const config: AgentSessionsConfig = {
     port: values.port as number,
@@ -371,16 +491,22 @@ export function resolveConfig (env: Record<string, unknown>): AgentSessionsConfi
     askTimeoutMs: values.askTimeout as number,
     startTimeoutMs: values.startTimeout as number,
     maxSessions: values.maxSessions as number,
+    maxSessionsPerClient: values.maxSessionsPerClient as number,
     maxQuestionBytes: values.maxQuestionBytes as number,
     maxAnswerBytes: values.maxAnswerBytes as number,
     bodyLimit: values.bodyLimit as number,
-    apiToken: values.apiToken as string | undefined,
+    apiToken,
+    apiTokenFile: values.apiTokenFile === undefined ? undefined : resolve(values.apiTokenFile as string),
     allowUnauthenticatedNonLoopback: values.allowUnauthenticatedNonLoopback === 'i-understand',
     startRateLimit: values.startRateLimit as number,
     startRateWindowMs: values.startRateWindow as number,
+    receiveTimeoutMs: values.receiveTimeout as number,
+    trustProxy: values.trustProxy as number | string[] | undefined,
     agentModel: values.agentModel as string | undefined,
     agentForce: values.agentForce as boolean,
     agentTrust: values.agentTrust as boolean,
+    agentUser,
+    agentEnvPass: (values.agentEnvPass as string[] | undefined) ?? [],
     corsOrigins: values.corsOrigins as string[] | undefined,
     redisUrl: values.redisUrl as string | undefined,
     redisPrefix: values.redisPrefix as string,
@@ -402,6 +528,36 @@ export const ASSUMED_AGENT_BYTES = 256 * 1024 * 1024
 /** MAX_LIVE_AGENTS=auto: half the machine's memory, at ASSUMED_AGENT_BYTES per live agent, at least one. */
 export function defaultMaxLiveAgents (): number {
   return Math.max(1, Math.floor(totalmem() / 2 / ASSUMED_AGENT_BYTES))
+}
+
+/**
+ * AGENT_USER: who it is, and whether this service can run processes as that
+ * user, signal their groups, and whether that user can use WORKSPACE_DIR.
+ * Each failure stops start-up: silently running the agent as the service's own
+ * user would hand it the service's secrets.
+ */
+function checkAgentUser (spec: string, workspaceDir: string): AgentUser {
+  let user: AgentUser
+  try {
+    user = resolveAgentUser(spec)
+  } catch (err) {
+    throw invalid(settingOf('AGENT_USER'), `a user name or uid[:gid] of another user than the service's (${(err as Error).message})`, spec)
+  }
+  const cannotSwitch = switchUserProblem(user)
+  if (cannotSwitch !== undefined) {
+    throw new ConfigError(`Invalid configuration: AGENT_USER=${spec} (option agentUser): ${cannotSwitch}. ` +
+      'Run the service as root, or grant it the SETUID, SETGID and KILL capabilities, or unset AGENT_USER.')
+  }
+  const cannotEnter = workspaceAccessProblem(user, workspaceDir)
+  if (cannotEnter !== undefined) {
+    throw new ConfigError(`Invalid configuration: WORKSPACE_DIR (option workspaceDir) must be a directory AGENT_USER ${describeUser(user)} ` +
+      `can enter and list: ${cannotEnter}`)
+  }
+  return user
+}
+
+function describeUser (user: AgentUser): string {
+  return `${user.name ?? user.uid} (uid ${user.uid}, gid ${user.gid})`
 }
 
 /** 127.0.0.0/8, ::1 (also as an IPv4-mapped address) and localhost: reachable from this machine only. */

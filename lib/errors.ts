@@ -15,10 +15,12 @@ export const ERROR_STATUS = {
   SESSION_NOT_FOUND: 404,
   NOT_FOUND: 404,
   PERMISSION_NOT_FOUND: 404,
+  REQUEST_RECEIVE_TIMEOUT: 408,
   SESSION_BUSY: 409,
   PERMISSION_ALREADY_DECIDED: 409,
   PAYLOAD_TOO_LARGE: 413,
   UNSUPPORTED_MEDIA_TYPE: 415,
+  HEADERS_TOO_LARGE: 431,
   RATE_LIMITED: 429,
   AGENT_RATE_LIMITED: 429,
   AGENT_USAGE_LIMIT: 429,
@@ -35,6 +37,7 @@ export const ERROR_STATUS = {
   RESUME_FAILED: 502,
   SESSION_LIMIT_REACHED: 503,
   LIVE_AGENT_LIMIT_REACHED: 503,
+  CLIENT_SESSION_LIMIT_REACHED: 503,
   SERVICE_UNAVAILABLE: 503,
   STATE_UNAVAILABLE: 503,
   INSTANCE_UNREACHABLE: 503,
@@ -48,6 +51,8 @@ export interface AgentSessionErrorOptions {
   extra?: Record<string, unknown>
   /** Seconds a client should wait before retrying (sent as Retry-After). */
   retryAfterSeconds?: number
+  /** What an operator needs to know (the agent's own error output, paths): logged, never sent to the client. */
+  diagnostics?: Record<string, unknown>
   cause?: unknown
 }
 
@@ -56,6 +61,7 @@ export class AgentSessionError extends Error {
   readonly statusCode: number
   readonly extra: Record<string, unknown>
   readonly retryAfterSeconds?: number
+  readonly diagnostics?: Record<string, unknown>
 
   constructor (code: ErrorCode, message: string, options: AgentSessionErrorOptions = {}) {
     super(message, { cause: options.cause })
@@ -64,6 +70,7 @@ export class AgentSessionError extends Error {
     this.statusCode = ERROR_STATUS[code]
     this.extra = options.extra ?? {}
     this.retryAfterSeconds = options.retryAfterSeconds
+    this.diagnostics = options.diagnostics
   }
 }
 

@@ -60,7 +60,8 @@ async function docsPlugin (fastify: FastifyInstance): Promise<void> {
       if (schema === undefined || (schema as { hide?: boolean }).hide === true) return { schema, url }
       const own = (schema.response ?? {}) as Record<string, unknown>
       const common = {
-        ...errors(500, 503),
+        // 408 and 431 come from the HTTP server before routing (RECEIVE_TIMEOUT, headers over 16 KiB).
+        ...errors(408, 431, 500, 503),
         // Malformed JSON, a body over BODY_LIMIT, a content type that is neither JSON nor text.
         ...(schema.body === undefined ? {} : errors(400, 413, 415))
       }

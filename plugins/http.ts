@@ -2,6 +2,9 @@
 // client posts Content-Type: application/json with no body), X-Request-ID on
 // every response, one error shape, and prompt connection close on shutdown.
 
+import { randomUUID } from 'node:crypto'
+import { STATUS_CODES as HTTP_STATUS_TEXT } from 'node:http'
+import type { Socket } from 'node:net'
 import fp from 'fastify-plugin'
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { AgentSessionError, isAgentSessionError, shuttingDown, type ErrorCode } from '../lib/errors.js'
@@ -52,6 +55,71 @@ export function sendError (request: FastifyRequest, reply: FastifyReply, err: Ag
   return reply.code(err.statusCode).send(body)
 }
 
+function isWellFormedJson (text: string): boolean {
+  try {
+    JSON.parse(text)
+    return true
+  } catch {
+    return false
+  }
+}
+
+/**
+ * Fastify's `clientErrorHandler`: what Node's HTTP parser refuses before any
+ * route or hook runs (headers over Node's 16 KiB limit, a request not received
+ * within the server's requestTimeout, malformed HTTP) answered in the API's
+ * error shape, with an X-Request-ID, instead of Fastify's own. The standalone
+ * server uses it; an embedder may pass it to `Fastify({ clientErrorHandler })`.
+ */
+export function clientErrorHandler (this: FastifyInstance, err: Error & { code?: string }, socket: Socket): void {
+  // A reset connection has nobody left to answer.
+  if (err.code === 'ECONNRESET' || socket.destroyed) return
+  const apiError = err.code === 'HPE_HEADER_OVERFLOW'
+    ? new AgentSessionError('HEADERS_TOO_LARGE', 'The request headers are too large (at most 16 KiB in all)')
+    : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
+      ? new AgentSessionError('REQUEST_RECEIVE_TIMEOUT', 'The request was not received in time: send its headers and body without pausing')
+      : new AgentSessionError('INVALID_REQUEST', 'Malformed HTTP request')
+  const requestId = randomUUID()
+  this.log.info({ reqId: requestId, code: apiError.code, statusCode: apiError.statusCode, parserError: err.code }, 'request rejected before routing')
+  if (socket.writable) {
+    const body = JSON.stringify({ error: apiError.code, details: apiError.message, request_id: requestId, timestamp: new Date().toISOString() })
+    socket.write(`HTTP/1.1 ${apiError.statusCode} ${HTTP_STATUS_TEXT[apiError.statusCode] ?? ''}\r\n` +
+      `Content-Type: application/json; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\n` +
+      `X-Request-ID: ${requestId}\r\nConnection: close\r\n\r\n${body}`)
+  }
+  socket.destroy(err)
+}
+
+/**
+ * Node's HTTP server options that bound the time to RECEIVE a request
+ * (headers and body) without bounding how long its answer takes: a slow
+ * client is cut off with 408, an ask may run up to ASK_TIMEOUT. Node checks
+ * pending requests every connectionsCheckingInterval (30 s by default, too
+ * coarse for a limit of seconds).
+ */
+export function receiveTimeoutOptions (receiveTimeoutMs: number): { requestTimeout: number, http: { requestTimeout: number, headersTimeout: number, connectionsCheckingInterval: number } } {
+  return {
+    requestTimeout: receiveTimeoutMs,
+    http: {
+      requestTimeout: receiveTimeoutMs,
+      headersTimeout: Math.min(60_000, receiveTimeoutMs),
+      connectionsCheckingInterval: Math.min(1000, Math.max(25, Math.floor(receiveTimeoutMs / 4)))
+    }
+  }
+}
+
+/**
+ * TRUST_PROXY as Fastify's trustProxy. Addresses and CIDRs go as they are. A
+ * hop count becomes "trust the nearest N hops" (Fastify refuses a bare number,
+ * since then any client that reaches the server directly picks its own
+ * address): only right where nothing but the proxies can reach the server.
+ */
+export function trustProxyOption (value: number | string[] | undefined): false | string[] | ((address: string, hop: number) => boolean) {
+  if (value === undefined) return false
+  if (typeof value === 'number') return (_address, hop) => hop < value
+  return value
+}
+
 async function httpPlugin (fastify: FastifyInstance, options: { bodyLimit: number }): Promise<void> {
   const parseJson = fastify.getDefaultJsonParser('error', 'error')
   fastify.removeContentTypeParser('application/json')
@@ -60,7 +128,15 @@ async function httpPlugin (fastify: FastifyInstance, options: { bodyLimit: numbe
       done(null, undefined)
       return
     }
-    parseJson(request, body as string, done)
+    parseJson(request, body as string, (err, parsed) => {
+      if (err !== null && isWellFormedJson(body as string)) {
+        // Well-formed, so the parser refused it for a prototype-poisoning key: say that, not "not valid JSON".
+        done(new AgentSessionError('INVALID_REQUEST',
+          'The request body contains a "__proto__" key or a "constructor" with a "prototype": such keys are refused'), undefined)
+        return
+      }
+      done(err, parsed)
+    })
   })
 
   fastify.addHook('onRequest', async (request, reply) => {
@@ -75,10 +151,12 @@ async function httpPlugin (fastify: FastifyInstance, options: { bodyLimit: numbe
 
   fastify.setErrorHandler((err, request, reply) => {
     const apiError = toAgentSessionError(err)
+    // Diagnostics (the agent's own error output, paths) are for this log only, never for the reply.
+    const diagnostics = apiError.diagnostics
     if (apiError.statusCode >= 500) {
-      request.log.error({ err, code: apiError.code }, 'request failed')
+      request.log.error({ err, code: apiError.code, diagnostics }, 'request failed')
     } else {
-      request.log.info({ code: apiError.code, statusCode: apiError.statusCode, details: apiError.message }, 'request rejected')
+      request.log.info({ code: apiError.code, statusCode: apiError.statusCode, details: apiError.message, diagnostics }, 'request rejected')
     }
     return sendError(request, reply, apiError)
   })

@@ -5,9 +5,9 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { AcpDriver } from '../lib/agents/acp.js'
-import { CursorPrintDriver } from '../lib/agents/cursor-print.js'
+import { CURSOR_AGENT_ENV_NAMES, CursorPrintDriver } from '../lib/agents/cursor-print.js'
 import type { AgentDriver } from '../lib/agents/types.js'
-import { SERVICE_ENV_NAMES, type AgentSessionsConfig } from '../lib/config.js'
+import type { AgentSessionsConfig } from '../lib/config.js'
 import type { Logger } from '../lib/logger.js'
 import { agentEnvironment } from '../lib/processes/environment.js'
 import type { GroupRecorder } from '../lib/processes/records.js'
@@ -20,7 +20,7 @@ declare module 'fastify' {
 }
 
 export interface SessionManagerPluginOptions {
-  /** Extra environment for every agent process (e.g. CURSOR_API_KEY from a secret store). */
+  /** Extra environment for every agent process (e.g. CURSOR_API_KEY from a secret store), set over everything else. */
   agentEnv?: Record<string, string>
   /** A different agent driver (tests, benchmarks, an agent protocol of your own). */
   driver?: AgentDriver
@@ -28,12 +28,14 @@ export interface SessionManagerPluginOptions {
   now?: () => number
 }
 
-function driverFor (config: AgentSessionsConfig, env: Record<string, string | undefined>, log: Logger, recorder?: GroupRecorder): AgentDriver {
+function driverFor (config: AgentSessionsConfig, agentEnv: Record<string, string> | undefined, log: Logger, recorder?: GroupRecorder): AgentDriver {
   if (config.agentProtocol === 'acp') {
     return new AcpDriver({
       command: config.agentCommand ?? [],
       workspaceDir: config.workspaceDir,
-      env,
+      // An ACP agent's own credentials (OPENAI_API_KEY, GEMINI_API_KEY, ...) reach it only when AGENT_ENV_PASS names them.
+      env: agentEnvironment(process.env, { pass: config.agentEnvPass, extra: agentEnv, user: config.agentUser }),
+      user: config.agentUser,
       killSignal: config.killSignal,
       killGraceMs: config.killGraceMs,
       authMethod: config.agentAuthMethod,
@@ -45,7 +47,8 @@ function driverFor (config: AgentSessionsConfig, env: Record<string, string | un
   return new CursorPrintDriver({
     bin: config.cursorAgentBin,
     workspaceDir: config.workspaceDir,
-    env,
+    env: agentEnvironment(process.env, { pass: [...config.agentEnvPass, ...CURSOR_AGENT_ENV_NAMES], extra: agentEnv, user: config.agentUser }),
+    user: config.agentUser,
     killSignal: config.killSignal,
     killGraceMs: config.killGraceMs,
     model: config.agentModel,
@@ -61,7 +64,7 @@ async function sessionManagerPlugin (fastify: FastifyInstance, options: SessionM
   const config = fastify.agentSessionsConfig
   const log = fastify.log.child({ component: 'agent-sessions' })
   const state = fastify.agentSessionsState
-  const driver = options.driver ?? driverFor(config, agentEnvironment(process.env, SERVICE_ENV_NAMES, options.agentEnv), log, state.recorder)
+  const driver = options.driver ?? driverFor(config, options.agentEnv, log, state.recorder)
   if (driver.keepsProcesses && config.agentIdleTimeoutMs > 0) {
     // Said once: an agent that cannot load a session keeps every idle agent alive until its session ends.
     fastify.addHook('onReady', async () => {
@@ -75,6 +78,7 @@ async function sessionManagerPlugin (fastify: FastifyInstance, options: SessionM
   fastify.decorate('agentSessions', new SessionManager({
     driver,
     maxSessions: config.maxSessions,
+    maxSessionsPerClient: config.maxSessionsPerClient,
     sessionTimeoutMs: config.sessionTimeoutMs,
     maxSessionTimeoutMs: config.maxSessionTimeoutMs,
     askTimeoutMs: config.askTimeoutMs,

@@ -4,7 +4,7 @@ import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@fastify/type-provider-typebox'
 import { AgentSessionError } from '../lib/errors.js'
 import { toAgentSessionError } from '../plugins/http.js'
-import { errors, SessionQuery } from './schemas.js'
+import { errors, SessionQuery, validatorCompiler } from './schemas.js'
 import { errorMessage, EventWriter, turnMessage } from './stream.js'
 
 const askRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
@@ -20,6 +20,7 @@ const askRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   fastify.post('/api/ask', {
     // With `Accept: text/event-stream` the turn streams; without it the reply is the JSON the Janus client knows.
     sse: 'dual',
+    validatorCompiler,
     schema: {
       operationId: 'ask',
       summary: 'Ask the session\'s agent a question about the workspace',

@@ -2,7 +2,20 @@
 // also the serializers, and @fastify/swagger reads all of them for the docs.
 
 import { Type } from '@fastify/type-provider-typebox'
+import { AjvCompiler } from '@fastify/ajv-compiler'
+import type { FastifySchemaCompiler } from 'fastify'
 import { ERROR_STATUS } from '../lib/errors.js'
+
+// Fastify's default validation coerces types everywhere: `{"question": 42}`
+// would arrive as "42" and `["a"]` as "a". Query strings are text, so they keep
+// that coercion; JSON bodies carry their own types and are taken as sent.
+const compilers = AjvCompiler()
+const coercing = compilers({}, { customOptions: {} })
+const exact = compilers({}, { customOptions: { coerceTypes: false } })
+
+/** The validator compiler of every route of the app: JSON bodies exactly as typed, everything else as Fastify does it. */
+export const validatorCompiler: FastifySchemaCompiler<unknown> = (route) =>
+  (route.httpPart === 'body' ? exact : coercing)(route as Parameters<typeof exact>[0]) as ReturnType<FastifySchemaCompiler<unknown>>
 
 export const SessionQuery = Type.Object({
   session_id: Type.String({ minLength: 1, description: 'The id POST /api/session/start returned' })

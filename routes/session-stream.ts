@@ -4,7 +4,7 @@
 
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@fastify/type-provider-typebox'
-import { errors, SessionQuery } from './schemas.js'
+import { errors, SessionQuery, validatorCompiler } from './schemas.js'
 import { EventWriter, sessionMessage } from './stream.js'
 
 const sessionStreamRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
@@ -97,6 +97,7 @@ const sessionStreamRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   })
 
   fastify.post('/api/permission', {
+    validatorCompiler,
     schema: {
       operationId: 'answerPermission',
       summary: 'Answer the agent\'s permission request (PERMISSION_POLICY=ask)',

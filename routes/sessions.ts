@@ -2,19 +2,41 @@
 
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@fastify/type-provider-typebox'
-import { AgentSessionError } from '../lib/errors.js'
+import { AgentSessionError, formatDuration } from '../lib/errors.js'
 import { parseDuration } from '../lib/config.js'
 import type { SessionInfo } from '../lib/sessions/manager.js'
-import { errors, Expiry, SessionQuery } from './schemas.js'
+import { errors, Expiry, SessionQuery, validatorCompiler } from './schemas.js'
+
+/** The shortest idle timeout a client may ask for: shorter ones end a session between two heartbeats. */
+export const MIN_IDLE_TIMEOUT_MS = 10_000
 
 const StartBody = Type.Union([
   Type.Object({
-    idle_timeout: Type.Optional(Type.Union([Type.String({ maxLength: 32 }), Type.Integer({ minimum: 1 })], {
-      description: 'Idle timeout for this session: 500ms, 30s, 10m, 1h or milliseconds (capped by MAX_SESSION_TIMEOUT)'
+    idle_timeout: Type.Optional(Type.Union([Type.String({ maxLength: 32 }), Type.Number()], {
+      description: 'Idle timeout for this session: a duration with its unit (90s, 30m, 2h) or whole seconds (a number); ' +
+        'from 10 s to MAX_SESSION_TIMEOUT, else 400'
     }))
   }, { additionalProperties: false }),
   Type.Null()
 ], { description: 'Optional; the Janus client sends no body' })
+
+const DURATION_WITH_UNIT = /^\s*\d+(?:\.\d+)?\s*(?:ms|s|m|h)\s*$/
+
+/** The requested idle timeout in ms; 400 INVALID_REQUEST for anything but a duration with a unit or whole seconds in range. */
+function idleTimeoutOf (requested: string | number, maxMs: number): number {
+  const ms = typeof requested === 'number'
+    ? (Number.isSafeInteger(requested) ? requested * 1000 : undefined)
+    : DURATION_WITH_UNIT.test(requested) ? parseDuration(requested) : undefined
+  if (ms === undefined) {
+    throw new AgentSessionError('INVALID_REQUEST',
+      `idle_timeout must be a duration with its unit (90s, 30m, 2h) or whole seconds as a number, got ${JSON.stringify(requested)}`)
+  }
+  if (ms < MIN_IDLE_TIMEOUT_MS || ms > maxMs) {
+    throw new AgentSessionError('INVALID_REQUEST',
+      `idle_timeout must be from ${formatDuration(MIN_IDLE_TIMEOUT_MS)} to ${formatDuration(maxMs)} (MAX_SESSION_TIMEOUT), got ${JSON.stringify(requested)}`)
+  }
+  return ms
+}
 
 function expiry (session: SessionInfo): { idle_timeout_seconds: number, expires_at: string } {
   return {
@@ -28,6 +50,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
 
   fastify.post('/api/session/start', {
     config: { rateLimit: { max: fastify.agentSessionsConfig.startRateLimit, timeWindow: fastify.agentSessionsConfig.startRateWindowMs } },
+    validatorCompiler,
     schema: {
       operationId: 'startSession',
       summary: 'Start a session (runs cursor-agent create-chat)',
@@ -39,15 +62,10 @@ const sessionRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       }
     }
   }, async (request) => {
-    let idleTimeoutMs: number | undefined
     const requested = request.body?.idle_timeout
-    if (requested !== undefined) {
-      idleTimeoutMs = parseDuration(requested)
-      if (idleTimeoutMs === undefined || idleTimeoutMs < 1) {
-        throw new AgentSessionError('INVALID_REQUEST', 'idle_timeout must be a duration such as 30s, 10m or 1h, or milliseconds')
-      }
-    }
-    const session = await manager.create({ idleTimeoutMs })
+    const idleTimeoutMs = requested === undefined ? undefined : idleTimeoutOf(requested, fastify.agentSessionsConfig.maxSessionTimeoutMs)
+    // request.ip: the client's address (X-Forwarded-For only from the proxies trustProxy names).
+    const session = await manager.create({ idleTimeoutMs, client: request.ip })
     return { session_id: session.id, message: 'Session started', ...expiry(session) }
   })
 

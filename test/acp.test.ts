@@ -20,6 +20,8 @@ async function acpApp (t: Test, box: Sandbox, options: BuildOptions & { faults?:
     agentProtocol: 'acp',
     agentCommand: [process.execPath, ACP_SIMULATOR],
     askTimeout: '60s',
+    // No hibernation here, so no start-up probe of the agent: the agents these tests count are the sessions' own.
+    agentIdleTimeout: 0,
     ...rest,
     agentEnv: { FAKE_ACP_FAULTS: faults, ...rest.agentEnv }
   })
@@ -44,8 +46,9 @@ async function callSeen (box: Sandbox, pattern: RegExp, what: string): Promise<v
   await waitFor(() => calls(box).some((line) => pattern.test(line)), GONE_MS, what)
 }
 
+/** The agent processes running now (the start-up probe's has come and gone). */
 function mainPids (box: Sandbox): number[] {
-  return box.pids().filter((p) => p.role === 'main').map((p) => p.pid)
+  return box.pids().filter((p) => p.role === 'main' && isProcessAlive(p.pid)).map((p) => p.pid)
 }
 
 t.test('one live agent per session: start, two turns with context, health, end leaves nothing', async (t) => {
@@ -252,7 +255,7 @@ t.test('end, reap and shutdown of agents that ignore SIGTERM and spawn grandchil
   const box = sandbox(t)
   const app = await acpApp(t, box, { faults: 'ignore-sigterm,grandchild', killGrace: '500ms', sessionTimeout: '1s', cleanupInterval: '100ms' })
   const ended = await startSession(app)
-  const reaped = await startSession(app, { idle_timeout: '1s' })
+  const reaped = await startSession(app)
   await app.inject({ method: 'POST', url: `/api/session/end?session_id=${ended}` })
   await waitFor(() => app.agentSessions.endedReason(reaped) === 'expired', GONE_MS, 'the idle session was reaped')
   await startSession(app)

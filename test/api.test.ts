@@ -204,3 +204,64 @@ t.test('a 5xx never leaks internals', async (t) => {
   t.equal(app.agentSessions.counts().starting, 0, 'the failed start is not counted')
   t.equal(app.agentSessions.counts().active, 0)
 })
+
+t.test('a JSON body is taken as typed: a non-string question is 400 INVALID_REQUEST, never coerced', async (t) => {
+  const box = sandbox(t)
+  const app = await build(t, box)
+  const id = await startSession(app)
+  const processes = box.pids().length
+  for (const question of [42, ['a'], true, 0, [1, 2], { text: 'a' }]) {
+    const res = await app.inject({ method: 'POST', url: `/api/ask?session_id=${id}`, payload: { question } })
+    t.equal(res.statusCode, 400, `${JSON.stringify(question)}: ${res.body}`)
+    t.equal(res.json().error, 'INVALID_REQUEST')
+    t.match(res.json().details, /question must be string/, JSON.stringify(question))
+  }
+  t.equal(box.pids().length, processes, 'no agent ran for them')
+  // The query string is text: its coercion stays (a repeated session_id is taken as an array of one).
+  const res = await app.inject({ method: 'POST', url: `/api/ask?session_id=${id}`, payload: { question: 'a string' } })
+  t.equal(res.statusCode, 200, res.body)
+})
+
+t.test('idle_timeout: a duration with its unit or whole seconds, from 10 s to MAX_SESSION_TIMEOUT; anything else is 400', async (t) => {
+  const box = sandbox(t)
+  const app = await build(t, box, { maxSessionTimeout: '2h' })
+  const start = async (idle: unknown): Promise<{ status: number, body: Record<string, any> }> => {
+    const res = await app.inject({ method: 'POST', url: '/api/session/start', payload: { idle_timeout: idle } })
+    return { status: res.statusCode, body: res.json() }
+  }
+  for (const [idle, seconds] of [['30m', 1800], [90, 90], [10, 10], ['10s', 10], ['1.5m', 90], ['2h', 7200], [7200, 7200], ['10000ms', 10]] as const) {
+    const res = await start(idle)
+    t.equal(res.status, 200, `${JSON.stringify(idle)}: ${JSON.stringify(res.body)}`)
+    t.equal(res.body.idle_timeout_seconds, seconds, `${JSON.stringify(idle)} is ${seconds} s`)
+  }
+  const bad: Array<[unknown, RegExp]> = [
+    [1.5, /whole seconds/], [0.5, /whole seconds/], [-30, /from 10s to 2h/], [0, /from 10s to 2h/], [9, /from 10s to 2h/],
+    ['9s', /from 10s to 2h/], ['1.5s', /from 10s to 2h/], ['9999ms', /from 10s to 2h/], ['2h1s', /with its unit/], ['121m', /from 10s to 2h/],
+    [7201, /from 10s to 2h \(MAX_SESSION_TIMEOUT\)/], ['600', /with its unit/], ['soon', /with its unit/], ['', /with its unit/],
+    [null, /idle_timeout/], [true, /idle_timeout/], [['30m'], /idle_timeout/]
+  ]
+  for (const [idle, details] of bad) {
+    const res = await start(idle)
+    t.equal(res.status, 400, `${JSON.stringify(idle)}: ${JSON.stringify(res.body)}`)
+    t.equal(res.body.error, 'INVALID_REQUEST')
+    t.match(res.body.details, details, JSON.stringify(idle))
+  }
+  t.equal(app.agentSessions.counts().active, 8, 'only the good ones started a session')
+})
+
+t.test('a body with __proto__ or constructor.prototype says so, not "not valid JSON"', async (t) => {
+  const box = sandbox(t)
+  const app = await build(t, box)
+  const id = await startSession(app)
+  for (const payload of ['{"question":"x","__proto__":{"a":1}}', '{"question":"x","constructor":{"prototype":{"a":1}}}', '{"idle_timeout":"30m","__proto__":{}}']) {
+    const url = payload.includes('idle') ? '/api/session/start' : `/api/ask?session_id=${id}`
+    const res = await app.inject({ method: 'POST', url, headers: JSON_HEADERS, payload })
+    t.equal(res.statusCode, 400, payload)
+    t.equal(res.json().error, 'INVALID_REQUEST')
+    t.match(res.json().details, /"__proto__" key or a "constructor" with a "prototype"/, payload)
+    t.notMatch(res.json().details, /not valid JSON/)
+  }
+  const broken = await app.inject({ method: 'POST', url: `/api/ask?session_id=${id}`, headers: JSON_HEADERS, payload: '{"question":' })
+  t.equal(broken.json().details, 'The request body is not valid JSON', 'malformed JSON still says so')
+  t.equal(({} as Record<string, unknown>).a, undefined, 'no prototype pollution')
+})

@@ -28,7 +28,7 @@ async function buildWithRoutes (t: Test, box: Sandbox, options: { apiToken?: str
     cursorAgentBin: SIMULATOR,
     workspaceDir: ROOT,
     killGrace: '1s',
-    apiToken: options.apiToken,
+    ...(options.apiToken === undefined ? {} : { apiToken: options.apiToken }),
     agentEnv: { FAKE_AGENT_STATE_DIR: box.stateDir }
   })
   await app.ready()
@@ -54,7 +54,7 @@ function checkUnauthorized (t: Test, res: LightMyRequestResponse, what: string, 
 t.test('with API_TOKEN, every route but health refuses requests without the right bearer token', async (t) => {
   const box = sandbox(t)
   const { app, routes } = await buildWithRoutes(t, box, { apiToken: TOKEN })
-  const protectedRoutes = routes.filter((r) => !(r.url === '/api/health' && (r.method === 'GET' || r.method === 'HEAD')))
+  const protectedRoutes = routes.filter((r) => !(/^\/api\/health(?:\/live|\/ready)?$/.test(r.url) && (r.method === 'GET' || r.method === 'HEAD')))
   t.ok(protectedRoutes.length >= 4, `routes found: ${protectedRoutes.map((r) => `${r.method} ${r.url}`).join(', ')}`)
   // The not-found handler is behind the token too: no probing which routes exist.
   protectedRoutes.push({ method: 'GET', url: '/api/nope' }, { method: 'DELETE', url: '/' })
@@ -112,18 +112,98 @@ t.test('with the token the whole Janus sequence works; the scheme is case-insens
   t.equal((await app.inject({ method: 'POST', url: `/api/session/end?session_id=${id}`, headers: AUTH })).statusCode, 200)
 })
 
-t.test('a CORS preflight is not refused (it carries no credentials by design)', async (t) => {
+// The README's recipe for routes of your own next to the API: the app without
+// encapsulation in a prefixed scope. The scope's route answers OPTIONS too.
+async function scopeWithOwnRoute (t: Test, box: Sandbox, extra: AgentSessionsOptions = {}): Promise<{ host: FastifyInstance, handled: string[] }> {
+  const host = Fastify({ logger: false })
+  const handled: string[] = []
+  await host.register(async (scope) => {
+    await scope.register(fp<AgentSessionsOptions>(async (instance, opts) => { await agentSessions(instance, opts) }), {
+      cursorAgentBin: SIMULATOR,
+      workspaceDir: ROOT,
+      apiToken: TOKEN,
+      agentEnv: { FAKE_AGENT_STATE_DIR: box.stateDir },
+      ...extra
+    })
+    scope.route({
+      method: ['GET', 'OPTIONS'],
+      url: '/my/sessions',
+      handler: async (request) => {
+        handled.push(request.method)
+        return scope.agentSessions.list()
+      }
+    })
+  }, { prefix: '/agent' })
+  await host.ready()
+  t.after(() => host.close())
+  return { host, handled }
+}
+
+const PREFLIGHT = { origin: 'https://app.example.com', 'access-control-request-method': 'GET' }
+
+t.test('without CORS an OPTIONS preflight needs the token like any request, and never reaches a handler', async (t) => {
   const box = sandbox(t)
-  const app = await build(t, box, { apiToken: TOKEN })
-  const preflight = await app.inject({
-    method: 'OPTIONS',
-    url: '/api/session/start',
-    headers: { origin: 'https://app.example.com', 'access-control-request-method': 'POST' }
-  })
-  t.not(preflight.statusCode, 401, `preflight: ${preflight.statusCode}`)
-  t.ok(preflight.statusCode < 500)
-  const plainOptions = await app.inject({ method: 'OPTIONS', url: '/api/session/start' })
-  t.equal(plainOptions.statusCode, 401, 'an OPTIONS request that is no preflight still needs the token')
+  const { host, handled } = await scopeWithOwnRoute(t, box)
+  t.equal((await host.inject({ method: 'POST', url: '/agent/api/session/start', headers: AUTH })).statusCode, 200, 'a session exists')
+
+  const preflight = await host.inject({ method: 'OPTIONS', url: '/agent/my/sessions', headers: PREFLIGHT })
+  checkUnauthorized(t, preflight, 'preflight to the scope\'s own route', 'Bearer')
+  t.notMatch(preflight.body, /"id"/, 'no session listed')
+  const toApp = await host.inject({ method: 'OPTIONS', url: '/agent/api/session/start', headers: { ...PREFLIGHT, 'access-control-request-method': 'POST' } })
+  checkUnauthorized(t, toApp, 'preflight to an API route', 'Bearer')
+  const plain = await host.inject({ method: 'OPTIONS', url: '/agent/my/sessions' })
+  checkUnauthorized(t, plain, 'plain OPTIONS', 'Bearer')
+  t.same(handled, [], 'no handler ran without the token')
+
+  const withToken = await host.inject({ method: 'OPTIONS', url: '/agent/my/sessions', headers: AUTH })
+  t.equal(withToken.statusCode, 200, 'with the token the route answers')
+  t.same(handled, ['OPTIONS'])
+})
+
+t.test('with CORS on, the CORS plugin answers preflights itself: no token needed, no handler reached, no data', async (t) => {
+  const box = sandbox(t)
+  const { host, handled } = await scopeWithOwnRoute(t, box, { corsOrigins: PREFLIGHT.origin })
+  t.equal((await host.inject({ method: 'POST', url: '/agent/api/session/start', headers: AUTH })).statusCode, 200)
+  for (const url of ['/agent/my/sessions', '/agent/api/session/start', '/agent/api/nope']) {
+    const preflight = await host.inject({ method: 'OPTIONS', url, headers: PREFLIGHT })
+    t.equal(preflight.statusCode, 204, `${url}: answered by CORS`)
+    t.equal(preflight.headers['access-control-allow-origin'], PREFLIGHT.origin, `${url}: with CORS headers`)
+    t.equal(preflight.body, '', `${url}: and nothing else`)
+  }
+  const denied = await host.inject({ method: 'OPTIONS', url: '/agent/my/sessions', headers: { ...PREFLIGHT, origin: 'https://evil.example' } })
+  t.equal(denied.body, '', 'a denied origin gets no data either')
+  t.notOk(denied.headers['access-control-allow-origin'])
+  checkUnauthorized(t, await host.inject({ method: 'GET', url: '/agent/my/sessions', headers: { origin: PREFLIGHT.origin } }), 'the real request', 'Bearer')
+  t.same(handled, [], 'no handler ran')
+})
+
+t.test('registered with prefix \'/agent/\', GET /agent/api/health needs no token; the rest still does', async (t) => {
+  const box = sandbox(t)
+  for (const prefix of ['/agent/', '/agent', '/a/b/']) {
+    const { app } = await buildWithRoutes(t, box, { apiToken: TOKEN, prefix, wrap: false })
+    const base = prefix.replace(/\/$/, '')
+    t.equal((await app.inject({ method: 'GET', url: `${base}/api/health` })).statusCode, 200, `prefix ${prefix}: health is open`)
+    t.equal((await app.inject({ method: 'HEAD', url: `${base}/api/health` })).statusCode, 200, `prefix ${prefix}: HEAD health too`)
+    checkUnauthorized(t, await app.inject({ method: 'POST', url: `${base}/api/session/start` }), `prefix ${prefix}: start`, 'Bearer')
+    checkUnauthorized(t, await app.inject({ method: 'GET', url: `${base}/metrics` }), `prefix ${prefix}: metrics`, 'Bearer')
+  }
+})
+
+t.test('health without the token shows only what the Janus client reads; with it, everything', async (t) => {
+  const box = sandbox(t)
+  const { app } = await buildWithRoutes(t, box, { apiToken: TOKEN })
+  const janusFields = ['active_sessions', 'memory_usage_mb', 'status', 'uptime_seconds', 'version']
+  for (const [what, headers] of [['no token', {}], ['a wrong token', { authorization: 'Bearer nope' }]] as const) {
+    const res = await app.inject({ method: 'GET', url: '/api/health', headers })
+    t.equal(res.statusCode, 200, what)
+    t.same(Object.keys(res.json()).sort(), janusFields, `${what}: exactly the Janus fields`)
+    t.notMatch(res.body, SIMULATOR, `${what}: no agent path`)
+    t.notMatch(res.body, /fake|2026\.11/, `${what}: no agent version`)
+  }
+  const full = await app.inject({ method: 'GET', url: '/api/health', headers: AUTH })
+  t.same(Object.keys(full.json()).sort(), [...janusFields, 'agent', 'busy_sessions', 'hibernated_sessions', 'reaper', 'store'].sort(), 'with the token: everything')
+  t.equal(full.json().agent.binary, SIMULATOR)
+  t.equal(full.json().agent.version, '2026.11.20-fake')
 })
 
 t.test('without API_TOKEN the API is open (the server only listens on loopback then)', async (t) => {

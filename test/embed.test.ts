@@ -119,11 +119,12 @@ t.test('a host with its own config and @fastify/env uses the whole API under a p
   t.match(metrics.body, /^agent_sessions_started_total 4$/m)
   const doc = (await host.inject({ method: 'GET', url: '/agent/documentation/json' })).json()
   t.same(Object.keys(doc.paths).sort(),
-    ['/agent/api/ask', '/agent/api/health', '/agent/api/heartbeat', '/agent/api/session/end', '/agent/api/session/start', '/agent/metrics'])
+    ['/agent/api/ask', '/agent/api/cancel', '/agent/api/health', '/agent/api/health/live', '/agent/api/health/ready', '/agent/api/heartbeat',
+      '/agent/api/permission', '/agent/api/session/end', '/agent/api/session/events', '/agent/api/session/history', '/agent/api/session/start', '/agent/metrics'])
 
   // The reaper runs: a session with a short idle timeout is reaped by itself.
-  const short = await host.inject({ method: 'POST', url: '/agent/api/session/start', headers: JSON_HEADERS, payload: { idle_timeout: '200ms' } })
-  const shortId: string = short.json().session_id
+  // (Over HTTP idle_timeout is at least 10 s; the manager itself takes any.)
+  const shortId = (await app.agentSessions.create({ idleTimeoutMs: 200 })).id
   const deadline = Date.now() + 10_000
   while (app.agentSessions.endedReason(shortId) === undefined && Date.now() < deadline) await sleep(25)
   const reaped = await host.inject({ method: 'POST', url: `/agent/api/heartbeat?session_id=${shortId}` })

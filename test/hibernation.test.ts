@@ -32,8 +32,14 @@ function calls (box: Sandbox): string[] {
   }
 }
 
+/** The agent processes running now (the start-up probe's comes and goes). */
 function mainPids (box: Sandbox): number[] {
-  return box.pids().filter((p) => p.role === 'main').map((p) => p.pid)
+  return box.pids().filter((p) => p.role === 'main' && isProcessAlive(p.pid)).map((p) => p.pid)
+}
+
+/** The one live agent, once the start-up probe has gone. */
+async function onlyAgent (box: Sandbox): Promise<number> {
+  return await waitFor(() => { const live = mainPids(box); return live.length === 1 ? live[0] : undefined }, GENEROUS_MS, 'one live agent')
 }
 
 function hibernated (app: FastifyInstance, sessionId?: string): Promise<{ sessionId: string, why: string }> {
@@ -52,7 +58,7 @@ t.test('an idle live agent hibernates; heartbeats do not stop that clock; the ne
   const app = await acpApp(t, box, { agentIdleTimeout: '400ms', cleanupInterval: '100ms' })
   const id = await startSession(app)
   t.equal((await ask(app, id, 'remember me')).statusCode, 200)
-  const [firstAgent] = mainPids(box)
+  const firstAgent = await onlyAgent(box)
   const slept = hibernated(app, id)
   // Heartbeats keep the session, not the agent.
   const beating = setInterval(() => { void app.inject({ method: 'POST', url: `/api/heartbeat?session_id=${id}` }) }, 100)
@@ -98,7 +104,7 @@ t.test('an agent without loadSession is never hibernated', async (t) => {
   const box = sandbox(t)
   const app = await acpApp(t, box, { faults: 'no-load-session', agentIdleTimeout: '100ms', cleanupInterval: '50ms' })
   const id = await startSession(app)
-  const [agent] = mainPids(box)
+  const agent = await onlyAgent(box)
   const sweeps = app.agentSessionsReaper.stats().sweeps
   await waitFor(() => app.agentSessionsReaper.stats().sweeps >= sweeps + 5, GENEROUS_MS, 'five sweeps past the idle timeout')
   t.equal(app.agentSessions.get(id).state, 'idle', 'still live')

@@ -4,8 +4,10 @@
 
 import t, { type Test } from 'tap'
 import type { LightMyRequestResponse } from 'fastify'
+import Fastify, { type FastifyInstance } from 'fastify'
+import { trustProxyOption } from '../plugins/http.js'
 import { FakeDriver } from './helpers/fake-driver.js'
-import { ask, build, sandbox, sleep, startSession } from './helpers/index.js'
+import { ask, build, liftDecorators, ROOT, sandbox, sleep, startSession } from './helpers/index.js'
 
 /** open() answers only when the test opens the gate: starts stay "in progress" until then. */
 function gatedDriver (): { driver: FakeDriver, open: () => void } {
@@ -162,4 +164,77 @@ t.test('every limit is a validated setting with a message naming it', async (t) 
   const defaults = await build(t, box)
   t.equal(defaults.agentSessionsConfig.startRateLimit, 30, 'default START_RATE_LIMIT')
   t.equal(defaults.agentSessionsConfig.startRateWindowMs, 60_000, 'default START_RATE_WINDOW')
+})
+
+t.test('MAX_SESSIONS_PER_CLIENT: one client address cannot hold every slot; 503 CLIENT_SESSION_LIMIT_REACHED with Retry-After', async (t) => {
+  const box = sandbox(t)
+  const { driver, open } = gatedDriver()
+  const app = await build(t, box, { driver, maxSessions: 10, maxSessionsPerClient: 2 })
+  t.equal(app.agentSessionsConfig.maxSessionsPerClient, 2)
+  const start = (remoteAddress: string): Promise<LightMyRequestResponse> => app.inject({ method: 'POST', url: '/api/session/start', remoteAddress })
+
+  // Starts in progress count, as for MAX_SESSIONS.
+  const first = start('198.51.100.7')
+  const second = start('198.51.100.7')
+  for (let i = 0; i < 200 && app.agentSessions.counts().starting < 2; i++) await sleep(10)
+  const third = await start('198.51.100.7')
+  t.equal(third.statusCode, 503, third.body)
+  checkErrorShape(t, third.json(), 'CLIENT_SESSION_LIMIT_REACHED', 'third start from one client')
+  t.match(third.json().details, /2 sessions \(MAX_SESSIONS_PER_CLIENT\)/)
+  t.ok(Number(third.headers['retry-after']) > 0, `Retry-After: ${third.headers['retry-after']}`)
+  t.equal(driver.opened, 2, 'the refused start ran no agent')
+
+  open()
+  t.equal((await first).statusCode, 200)
+  t.equal((await second).statusCode, 200)
+  t.equal((await start('198.51.100.7')).json().error, 'CLIENT_SESSION_LIMIT_REACHED', 'still at its limit')
+  t.equal((await start('198.51.100.8')).statusCode, 200, 'another client has its own budget')
+
+  const mine = app.agentSessions.list()[0].id
+  t.equal((await app.inject({ method: 'POST', url: `/api/session/end?session_id=${mine}` })).statusCode, 200)
+  t.equal((await start('198.51.100.7')).statusCode, 200, 'ending one of its sessions frees a place')
+
+  const defaults = await build(t, box, { driver: new FakeDriver() })
+  t.equal(defaults.agentSessionsConfig.maxSessionsPerClient, 20, 'default MAX_SESSIONS_PER_CLIENT')
+  await t.rejects(build(t, box, { maxSessionsPerClient: 0 }), { message: /MAX_SESSIONS_PER_CLIENT \(option maxSessionsPerClient\) must be at least 1/ })
+})
+
+t.test('behind a proxy the host trusts, the client address, the start rate limit and the per-client limit come from X-Forwarded-For', async (t) => {
+  const box = sandbox(t)
+  const hostWith = async (trustProxy: ReturnType<typeof trustProxyOption>): Promise<FastifyInstance> => {
+    const host = Fastify({ logger: false, trustProxy })
+    await host.register(liftDecorators, {
+      driver: new FakeDriver(), workspaceDir: ROOT, maxSessions: 100, maxSessionsPerClient: 1, startRateLimit: 3,
+      agentEnv: { FAKE_AGENT_STATE_DIR: box.stateDir }
+    })
+    await host.ready()
+    t.after(() => host.close())
+    return host
+  }
+  const start = async (host: FastifyInstance, remoteAddress: string, forwardedFor?: string): Promise<string> => {
+    const res = await host.inject({ method: 'POST', url: '/api/session/start', remoteAddress, headers: forwardedFor === undefined ? {} : { 'x-forwarded-for': forwardedFor } })
+    return res.statusCode === 200 ? 'ok' : String(res.json().error)
+  }
+
+  // TRUST_PROXY=10.0.0.0/8: the proxy's X-Forwarded-For names the client.
+  const byAddress = await hostWith(trustProxyOption(['10.0.0.0/8']))
+  t.equal(await start(byAddress, '10.1.2.3', '203.0.113.1'), 'ok')
+  t.equal(await start(byAddress, '10.1.2.3', '203.0.113.1'), 'CLIENT_SESSION_LIMIT_REACHED', 'the same client behind the proxy')
+  t.equal(await start(byAddress, '10.9.9.9', '203.0.113.1'), 'CLIENT_SESSION_LIMIT_REACHED', 'through another proxy of the list too')
+  t.equal(await start(byAddress, '10.1.2.3', '203.0.113.1'), 'RATE_LIMITED', 'its start rate limit is its own')
+  t.equal(await start(byAddress, '10.1.2.3', '203.0.113.2'), 'ok', 'another client behind the same proxy has its own budgets')
+  // A client that is not a trusted proxy cannot pick its address.
+  t.equal(await start(byAddress, '192.0.2.9', '198.51.100.1'), 'ok')
+  t.equal(await start(byAddress, '192.0.2.9', '198.51.100.2'), 'CLIENT_SESSION_LIMIT_REACHED', 'X-Forwarded-For from an untrusted peer is ignored')
+
+  // TRUST_PROXY=1: one hop, the nearest address in X-Forwarded-For is the client.
+  const byHops = await hostWith(trustProxyOption(1))
+  t.equal(await start(byHops, '10.1.2.3', '192.0.2.200, 203.0.113.7'), 'ok')
+  t.equal(await start(byHops, '10.1.2.3', '192.0.2.201, 203.0.113.7'), 'CLIENT_SESSION_LIMIT_REACHED', 'what the client wrote further left does not count')
+  t.equal(await start(byHops, '10.1.2.3', '203.0.113.8'), 'ok')
+
+  // Off (the default): X-Forwarded-For is ignored, the peer is the client.
+  const off = await hostWith(trustProxyOption(undefined))
+  t.equal(await start(off, '127.0.0.1', '203.0.113.1'), 'ok')
+  t.equal(await start(off, '127.0.0.1', '203.0.113.2'), 'CLIENT_SESSION_LIMIT_REACHED', 'without TRUST_PROXY every request from one peer is one client')
 })

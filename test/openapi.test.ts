@@ -9,13 +9,14 @@ type Doc = any
 const ERROR_REF = '#/components/schemas/AgentSessionsError'
 
 // What each route can answer: its own errors plus those the HTTP glue gives
-// any route (500, 503 while closing; 400/413/415 for a body).
+// any route (408 and 431 from the server before routing, 500, 503 while
+// closing; 400/413/415 for a body).
 const ROUTES = {
-  'POST /api/session/start': [200, 400, 401, 413, 415, 429, 500, 502, 503, 504],
-  'POST /api/ask': [200, 400, 401, 404, 409, 413, 415, 429, 500, 502, 503, 504],
-  'POST /api/heartbeat': [200, 400, 401, 404, 500, 503],
-  'POST /api/session/end': [200, 400, 401, 404, 500, 503],
-  'GET /api/health': [200, 500, 503]
+  'POST /api/session/start': [200, 400, 401, 408, 413, 415, 429, 431, 500, 502, 503, 504],
+  'POST /api/ask': [200, 400, 401, 404, 408, 409, 413, 415, 429, 431, 500, 502, 503, 504],
+  'POST /api/heartbeat': [200, 400, 401, 404, 408, 431, 500, 503],
+  'POST /api/session/end': [200, 400, 401, 404, 408, 431, 500, 503],
+  'GET /api/health': [200, 408, 431, 500, 503]
 } as const
 
 function operation (doc: Doc, route: string): Doc {
@@ -68,11 +69,11 @@ t.test('GET /documentation/json lists every route with its parameters, bodies, r
   // Success bodies.
   const props = (route: string): string[] => Object.keys(operation(doc, route).responses['200'].content['application/json'].schema.properties)
   t.match(props('POST /api/session/start'), ['session_id', 'message', 'idle_timeout_seconds', 'expires_at'])
-  t.same(props('POST /api/ask').sort(), ['answer', 'session_id'])
+  t.same(props('POST /api/ask').sort(), ['answer', 'session_id', 'stop_reason'])
   t.match(props('POST /api/heartbeat'), ['message', 'session_id', 'last_activity'])
   t.equal(operation(doc, 'POST /api/heartbeat').responses['200'].content['application/json'].schema.properties.last_activity.format, 'date-time')
   t.same(props('POST /api/session/end').sort(), ['message', 'session_id'])
-  t.match(props('GET /api/health'), ['status', 'version', 'uptime_seconds', 'active_sessions', 'busy_sessions', 'memory_usage_mb', 'agent'])
+  t.match(props('GET /api/health'), ['status', 'version', 'uptime_seconds', 'active_sessions', 'busy_sessions', 'hibernated_sessions', 'memory_usage_mb', 'agent', 'store', 'reaper'])
 
   // The shared error schema, once, by name.
   t.match(doc.components.schemas.AgentSessionsError, {

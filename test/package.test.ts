@@ -1,11 +1,12 @@
-// What we publish (and what the Docker image runs) needs no devDependency and
+// What we publish needs no devDependency and
 // no file we forgot to ship: pack the package, install the tarball with
 // production dependencies only into an empty folder, and run it from there.
 // The one test that reaches the npm registry (for the dependencies).
+// The image itself is built and run for real in test/image.test.ts.
 
 import t from 'tap'
 import { execFile, spawn, type ChildProcess } from 'node:child_process'
-import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
@@ -104,7 +105,7 @@ const docs = await host.inject({ method: 'GET', url: '/agent/documentation/json'
 console.log(JSON.stringify({ status: res.statusCode, body: res.json(), paths: Object.keys(docs.json().paths) }))
 await host.close()
 `)
-  const embedded = await run(process.execPath, ['host.mjs', SIMULATOR], { cwd: consumer, env: cleanEnv({ FAKE_AGENT_STATE_DIR: box.stateDir }), timeout: 60_000 })
+  const embedded = await run(process.execPath, ['host.mjs', SIMULATOR], { cwd: consumer, env: cleanEnv({ FAKE_AGENT_STATE_DIR: box.stateDir, AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR' }), timeout: 60_000 })
   const hosted = JSON.parse(embedded.stdout.trim().split('\n').pop()!)
   t.equal(hosted.status, 200, 'a host app imports and registers the installed package')
   t.equal(hosted.body.agent.available, true)
@@ -139,7 +140,7 @@ await host.register(agentSessions, { sessionTimeout: true })
 
   // The standalone server, from the installed package.
   const { server, url, exited, output } = await startServer(t, consumer, [process.execPath, join('node_modules', 'fastify-agent-sessions', 'dist', 'server.js')],
-    { WORKSPACE_DIR: consumer, FAKE_AGENT_STATE_DIR: box.stateDir })
+    { WORKSPACE_DIR: consumer, FAKE_AGENT_STATE_DIR: box.stateDir, AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR' })
 
   const health = await fetch(`${url}/api/health`)
   t.equal(health.status, 200)
@@ -162,44 +163,4 @@ await host.register(agentSessions, { sessionTimeout: true })
   t.match(output(), /"msg":"closed"/)
   t.same(await waitForGone(box.pids().map((p) => p.pid), 5000), [], 'no agent process left')
   t.comment(`packaging test took ${Math.round((Date.now() - started) / 1000)} s`)
-})
-
-t.test("the Dockerfile's runtime steps: npm ci --omit=dev from the lockfile, dist/, its CMD, and its HEALTHCHECK", async (t) => {
-  // No Docker engine here: run the image's own commands, taken from the Dockerfile.
-  const dockerfile = readFileSync(join(ROOT, 'Dockerfile'), 'utf8')
-  const depsStep = 'npm ci --omit=dev --ignore-scripts --no-audit --no-fund'
-  t.match(dockerfile, `RUN ${depsStep}`, 'the deps stage installs production dependencies from the lockfile')
-  const cmd = JSON.parse(/^CMD (\[.*\])$/m.exec(dockerfile)?.[1] ?? 'null') as string[] | null
-  t.same(cmd, ['node', 'dist/server.js'])
-  const healthcheck = JSON.parse(/^HEALTHCHECK [^\n]*\\\n\s*CMD (\[.*\])$/m.exec(dockerfile)?.[1] ?? 'null') as string[] | null
-  t.equal(healthcheck?.[0], 'node', 'the health check needs nothing but node')
-  t.match(dockerfile, /^USER node$/m)
-  t.match(dockerfile, /^ENTRYPOINT \["\/usr\/bin\/tini", "--"\]$/m)
-  t.match(dockerfile, /curl https:\/\/cursor\.com\/install -fsS \| bash/)
-  if (cmd === null || healthcheck === null) return
-
-  const box = sandbox(t)
-  const app = mkdtempSync(join(tmpdir(), 'agent-sessions-image-'))
-  t.after(() => rmSync(app, { recursive: true, force: true }))
-  await run(process.execPath, [join(ROOT, 'scripts', 'ensure-built.mjs')], { cwd: ROOT, env: cleanEnv() })
-  for (const file of ['package.json', 'package-lock.json']) cpSync(join(ROOT, file), join(app, file))
-  const [npm, ...npmArgs] = depsStep.split(' ')
-  await run(npm, npmArgs, { cwd: app, env: cleanEnv(), maxBuffer: 16 * 1024 * 1024, timeout: 300_000 })
-  cpSync(join(ROOT, 'dist'), join(app, 'dist'), { recursive: true })
-
-  // As in the image, but on loopback (a test listens nowhere else), with a token as the README's docker run sets one.
-  const { server, url, exited } = await startServer(t, app, cmd, { API_TOKEN: 'image-token', WORKSPACE_DIR: app, FAKE_AGENT_STATE_DIR: box.stateDir })
-  const port = new URL(url).port
-  const check = async (): Promise<number> => {
-    const [bin, ...args] = healthcheck
-    return await run(bin === 'node' ? process.execPath : bin, args, { env: cleanEnv({ PORT: port }), timeout: 30_000 })
-      .then(() => 0, (err: { code?: number }) => err.code ?? -1)
-  }
-  t.equal(await check(), 0, 'HEALTHCHECK passes against the running server (health needs no token)')
-  t.equal((await fetch(`${url}/metrics`)).status, 401, 'the rest needs the token')
-  t.equal((await fetch(`${url}/metrics`, { headers: { authorization: 'Bearer image-token' } })).status, 200)
-
-  server.kill('SIGTERM')
-  t.same(await exited, { code: 0, signal: null }, 'exit 0 on SIGTERM (what docker stop sends through tini)')
-  t.equal(await check(), 1, 'HEALTHCHECK fails once the server is gone')
 })

@@ -3,7 +3,7 @@
 
 import t, { type Test } from 'tap'
 import { Writable } from 'node:stream'
-import { build, sandbox } from './helpers/index.js'
+import { agentWrapper, build, sandbox, SIMULATOR } from './helpers/index.js'
 
 interface Captured { lines: string[], records: Array<Record<string, unknown>> }
 
@@ -74,4 +74,45 @@ t.test('at debug, the text is there for whoever turned debug on', async (t) => {
   for (const record of captured.records) {
     if (JSON.stringify(record).includes(secret)) t.equal(record.level, 20, `only at debug: ${String(record.msg)}`)
   }
+})
+
+t.test('error replies carry a code and our own message; the agent\'s paths and error output go to the log only', async (t) => {
+  const HOME_PATH = '/home/alice/.local/share/cursor-agent/versions/2026.11.20/index.js'
+  // An agent that dies with a stack trace naming its home directory.
+  const { bin } = agentWrapper(t, `if [ "$1" = "create-chat" ]; then exec "${process.execPath}" "${SIMULATOR}" "$@"; fi
+cat >/dev/null
+printf 'TypeError: Cannot read properties of undefined\\n    at run (${HOME_PATH}:1:2)\\n    at secret-token-in-stderr-93f1\\n' >&2
+exit 3`)
+  const { stream, captured } = capture()
+  const box = sandbox(t)
+  const app = await build(t, box, { logger: { level: 'info', stream }, cursorAgentBin: bin })
+  const id = (await app.inject({ method: 'POST', url: '/api/session/start' })).json().session_id as string
+
+  const crashed = await app.inject({ method: 'POST', url: `/api/ask?session_id=${id}`, payload: { question: 'crash please' } })
+  t.equal(crashed.statusCode, 502)
+  t.equal(crashed.json().error, 'PROCESS_COMMUNICATION_FAILED')
+  t.equal(crashed.json().details, 'cursor-agent exited with code 3 without an answer; its error message is in the server log.')
+  for (const leak of [HOME_PATH, '/home/alice', 'secret-token-in-stderr', 'TypeError', bin]) t.notMatch(crashed.body, leak, `the reply has no ${leak}`)
+  const logged = captured.records.find((r) => r.msg === 'request failed' && JSON.stringify(r).includes('secret-token-in-stderr'))
+  t.ok(logged, 'the agent\'s own words are in the log')
+  t.match((logged?.diagnostics as Record<string, unknown>)?.agentMessage, HOME_PATH)
+  t.equal((logged?.diagnostics as Record<string, unknown>)?.exitCode, 3)
+
+  // A missing binary: the reply names the setting, the log names the path.
+  const missing = await build(t, box, { logger: { level: 'info', stream }, cursorAgentBin: '/srv/private/tools/cursor-agent' })
+  const refused = await missing.inject({ method: 'POST', url: '/api/session/start' })
+  t.equal(refused.statusCode, 502)
+  t.equal(refused.json().error, 'PROCESS_SPAWN_FAILED')
+  t.equal(refused.json().details, 'The agent program was not found: check CURSOR_AGENT_BIN on the server')
+  t.notMatch(refused.body, '/srv/private', 'the reply has no path')
+  const spawnLog = captured.records.find((r) => r.msg === 'request failed' && (r.diagnostics as Record<string, unknown> | undefined)?.bin === '/srv/private/tools/cursor-agent')
+  t.equal((spawnLog?.diagnostics as Record<string, unknown>)?.spawnError, 'ENOENT', 'the log has the path and why')
+
+  // A known failure keeps its code and our message, not the agent's text.
+  const limited = await build(t, box, { logger: { level: 'info', stream }, agentEnv: { FAKE_AGENT_FAULTS: 'usage-limit' } })
+  const usage = await limited.inject({ method: 'POST', url: '/api/session/start' })
+  t.equal(usage.json().error, 'AGENT_USAGE_LIMIT')
+  t.equal(usage.json().details, 'The Cursor account has hit its usage limit')
+  const usageLog = captured.records.find((r) => r.msg === 'request rejected' && r.code === 'AGENT_USAGE_LIMIT')
+  t.match((usageLog?.diagnostics as Record<string, unknown>)?.agentMessage, /Upgrade to Pro/, 'a 4xx logs the agent\'s words too')
 })

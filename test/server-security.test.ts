@@ -33,7 +33,7 @@ function runServer (stateDir: string, env: Record<string, string>): Promise<Run>
   return new Promise((resolve) => {
     const proc = spawn(process.execPath, [SERVER], {
       cwd: ROOT,
-      env: cleanEnv({ PORT: '0', CURSOR_AGENT_BIN: SIMULATOR, FAKE_AGENT_STATE_DIR: stateDir, LOG_LEVEL: 'info', ...env }),
+      env: cleanEnv({ PORT: '0', CURSOR_AGENT_BIN: SIMULATOR, FAKE_AGENT_STATE_DIR: stateDir, AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR', LOG_LEVEL: 'info', ...env }),
       stdio: ['ignore', 'pipe', 'pipe']
     })
     let output = ''

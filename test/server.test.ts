@@ -33,6 +33,8 @@ async function startServer (t: { after: (fn: () => unknown) => void }, box: Sand
       HOST: '127.0.0.1',
       CURSOR_AGENT_BIN: SIMULATOR,
       FAKE_AGENT_STATE_DIR: box.stateDir,
+      // The agent's environment is an allow-list: the simulator's state dir must be named.
+      AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR',
       KILL_GRACE: '1s',
       LOG_LEVEL: 'info',
       ...env

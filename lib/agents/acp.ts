@@ -11,6 +11,7 @@ import { client, ndJsonStream, RequestError, type ClientConnection, type Session
 import { AgentSessionError } from '../errors.js'
 import type { Logger } from '../logger.js'
 import { packageInfo } from '../package-info.js'
+import type { AgentUser } from '../processes/agent-user.js'
 import type { GroupRecorder } from '../processes/records.js'
 import { releaseGroup, spawnGroup, type GroupProcess } from '../processes/spawn.js'
 import { terminateProcessGroup, type TeardownReport } from '../processes/terminate.js'
@@ -26,6 +27,8 @@ export interface AcpDriverOptions {
   workspaceDir: string
   /** Environment of every agent process, exactly. */
   env: Record<string, string | undefined>
+  /** The OS user agents run as (AGENT_USER), or undefined for the service's own. */
+  user: Pick<AgentUser, 'uid' | 'gid'> | undefined
   killSignal: NodeJS.Signals
   killGraceMs: number
   /** ACP authenticate method id, used when the agent lists it or asks for authentication. */
@@ -189,7 +192,7 @@ class AgentProcess {
   constructor (options: AcpDriverOptions) {
     this.#options = options
     const [bin, ...args] = options.command
-    this.#child = spawnGroup(bin, args, { cwd: options.workspaceDir, env: options.env, recorder: options.recorder })
+    this.#child = spawnGroup(bin, args, { cwd: options.workspaceDir, env: options.env, user: options.user, recorder: options.recorder })
     this.pid = this.#child.pid ?? -1
     this.finished = new Promise((resolve) => { this.#resolveFinished = resolve })
     // Never left unawaited: execa settles once the process exited and its pipes closed.

@@ -4,6 +4,7 @@
 // path (answer, failure, timeout, abort), so nothing it started survives.
 
 import { AgentSessionError, type ErrorCode } from '../errors.js'
+import type { AgentUser } from '../processes/agent-user.js'
 import type { GroupRecorder } from '../processes/records.js'
 import { releaseGroup, spawnGroup } from '../processes/spawn.js'
 import { terminateProcessGroup, type TeardownReport } from '../processes/terminate.js'
@@ -17,6 +18,8 @@ export interface CursorAgentOptions {
   workspaceDir: string
   /** Environment of every agent process, exactly (see agentEnvironment in lib/processes/environment.ts). */
   env: Record<string, string | undefined>
+  /** The OS user every agent process runs as (AGENT_USER); undefined: the service's own. */
+  user?: AgentUser
   killSignal: NodeJS.Signals
   killGraceMs: number
   model?: string
@@ -35,6 +38,9 @@ const STDERR_TAIL_BYTES = 64 * 1024
 // pipe open forever.
 const STREAM_FLUSH_WAIT_MS = 500
 const VERSION_TIMEOUT_MS = 5000
+/** Server environment variables cursor-agent needs beyond the base set: its own credentials. */
+export const CURSOR_AGENT_ENV_NAMES: readonly string[] = ['CURSOR_API_KEY']
+
 const CHAT_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
 
 /** The argv of one headless turn; the question goes to stdin, never here. */
@@ -199,7 +205,7 @@ export class CursorPrintDriver implements AgentDriver {
       return { result, finished: Promise.resolve({ pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } }), stop: () => {}, pid: null }
     }
 
-    const subprocess = spawnGroup(o.bin, spec.args, { cwd: o.workspaceDir, env: o.env, input: spec.input, recorder: o.recorder })
+    const subprocess = spawnGroup(o.bin, spec.args, { cwd: o.workspaceDir, env: o.env, input: spec.input, user: o.user, recorder: o.recorder })
     const pid = subprocess.pid ?? null
     // execa resolves once the process exited AND its pipes closed; never left unawaited.
     const completion = subprocess.then((r) => r, (err: unknown) => err)
@@ -542,23 +548,25 @@ const FAILURES: Array<[RegExp, ErrorCode, string, number?]> = [
     'cursor-agent rejected its API key: check CURSOR_API_KEY on the server'],
   [/usage limit/i, 'AGENT_USAGE_LIMIT', 'The Cursor account has hit its usage limit', 3600],
   [/rate limit|\b429\b|too many requests/i, 'AGENT_RATE_LIMITED', 'Cursor is rate limiting requests: try again shortly', 30],
-  [/cannot use this model/i, 'AGENT_UNKNOWN_MODEL', 'cursor-agent does not know the configured model'],
+  [/cannot use this model/i, 'AGENT_UNKNOWN_MODEL', 'cursor-agent does not know the configured model (AGENT_MODEL)'],
   [/no previous chats found|chat .*not found/i, 'AGENT_CHAT_NOT_FOUND', 'cursor-agent no longer knows this session\'s chat']
 ]
 
-/** Turns a failed invocation's stderr and exit status into the error the client sees. */
+/**
+ * Turns a failed invocation's stderr and exit status into the error the client
+ * sees: a code and a message of our own. The agent's words (stack traces, home
+ * directories, paths) go to the server log only, as diagnostics.
+ */
 export function classifyAgentFailure (stderr: string, exitCode: number | null, signal?: NodeJS.Signals | null): AgentSessionError {
   const agentMessage = lastLines(stderr)
+  const diagnostics = { agentMessage, exitCode, signal: signal ?? null }
   for (const [pattern, code, message, retryAfterSeconds] of FAILURES) {
-    if (pattern.test(stderr)) {
-      return new AgentSessionError(code, `${message}${agentMessage === '' ? '' : ` (cursor-agent: ${agentMessage})`}`,
-        { retryAfterSeconds })
-    }
+    if (pattern.test(stderr)) return new AgentSessionError(code, message, { retryAfterSeconds, diagnostics })
   }
   const how = signal != null ? `was killed by ${signal}` : `exited with code ${String(exitCode)}`
   const hint = /workspace trust/i.test(stderr) ? ' The workspace is not trusted: set AGENT_TRUST=true.' : ''
-  return new AgentSessionError('PROCESS_COMMUNICATION_FAILED',
-    `cursor-agent ${how}${agentMessage === '' ? ' without an answer' : `: ${agentMessage}`}${hint}`)
+  const said = agentMessage === '' ? ' without an answer or an error message' : ' without an answer; its error message is in the server log'
+  return new AgentSessionError('PROCESS_COMMUNICATION_FAILED', `cursor-agent ${how}${said}.${hint}`, { diagnostics })
 }
 
 function lastLines (text: string): string {
@@ -569,9 +577,10 @@ function lastLines (text: string): string {
 }
 
 function spawnError (bin: string, code: string | undefined): AgentSessionError {
-  const why = code === 'ENOENT' ? 'was not found' : code === 'EACCES' ? 'is not executable' : `could not be started (${code ?? 'unknown error'})`
-  return new AgentSessionError('PROCESS_SPAWN_FAILED',
-    `cursor-agent ${why}: check CURSOR_AGENT_BIN (${bin})`)
+  const why = code === 'ENOENT' ? 'was not found' : code === 'EACCES' ? 'is not executable' : 'could not be started'
+  // The path stays in the log: it tells a client about the server's layout.
+  return new AgentSessionError('PROCESS_SPAWN_FAILED', `The agent program ${why}: check CURSOR_AGENT_BIN on the server`,
+    { diagnostics: { bin, spawnError: code ?? 'unknown' } })
 }
 
 function abortError (signal: AbortSignal | undefined): AgentSessionError {

@@ -246,7 +246,8 @@ export class RedisStore implements SessionStore {
       'idleTimeoutMs', session.idleTimeoutMs,
       'lastActivity', session.lastActivity,
       'lastTurnEndedAt', session.lastTurnEndedAt,
-      'history', JSON.stringify(session.history)
+      'history', JSON.stringify(session.history),
+      'client', session.client ?? ''
     ]
   }
 
@@ -364,6 +365,7 @@ function parseStored (id: string, fields: Record<string, string>): StoredSession
     idleTimeoutMs: numbers[1],
     lastActivity: numbers[2],
     lastTurnEndedAt: numbers[3],
-    history: Array.isArray(history) ? history : []
+    history: Array.isArray(history) ? history : [],
+    ...(fields.client === undefined || fields.client === '' ? {} : { client: fields.client })
   }
 }

@@ -1,8 +1,10 @@
 // Every agent process starts here: as the leader of its own process group (so
 // the teardown ladder can reach all it starts), with exactly the environment
-// given, recorded in the process-wide registry until its group is gone.
+// given, as the agent user when there is one (AGENT_USER), recorded in the
+// process-wide registry until its group is gone.
 
 import { execa, type ResultPromise } from 'execa'
+import type { AgentUser } from './agent-user.js'
 import { identify, type GroupRecorder } from './records.js'
 import { trackGroup, untrackGroup } from './terminate.js'
 
@@ -14,6 +16,12 @@ export interface SpawnGroupOptions {
   input?: string
   /** Where the group is recorded while it lives (the durable record the orphan sweep reads). */
   recorder?: GroupRecorder
+  /**
+   * The OS user to run as: the configured AGENT_USER (resolved and checked at
+   * start-up, see lib/processes/agent-user.ts), or undefined for the service's
+   * own user. Required, so that no driver forgets it. Supplementary groups are dropped.
+   */
+  user: Pick<AgentUser, 'uid' | 'gid'> | undefined
 }
 
 export type GroupProcess = ResultPromise<{ detached: true, buffer: false, encoding: 'utf8', reject: false }>
@@ -28,6 +36,7 @@ export function spawnGroup (bin: string, args: readonly string[], options: Spawn
     cwd: options.cwd,
     env: options.env,
     extendEnv: false,
+    ...(options.user === undefined ? {} : { uid: options.user.uid, gid: options.user.gid }),
     // Its own group: signals to -pgid reach every descendant.
     detached: true,
     // execa's own cleanup signals only the leader; the service tears groups down itself.

@@ -43,13 +43,25 @@ export async function terminateProcessGroup (pgid: number, options: TerminateOpt
   return report('killed', 'SIGKILL')
 }
 
-/** Sends a signal to every process of the group; false when the group is already gone. */
+/**
+ * Sends a signal to every process of the group; false when the group is
+ * already gone. Signal 0 only asks whether the group exists: EPERM (its
+ * processes belong to another user and this process may not signal them)
+ * means it does. A real signal that EPERM kept from every member throws: the
+ * group is not gone, and nothing was delivered.
+ */
 export function signalGroup (pgid: number, signal: NodeJS.Signals | 0): boolean {
   try {
     process.kill(-pgid, signal)
     return true
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ESRCH') return false
+    const code = (err as NodeJS.ErrnoException).code
+    if (code === 'ESRCH') return false
+    if (code === 'EPERM' && signal === 0) return true
+    if (code === 'EPERM') {
+      throw Object.assign(new Error(`Not permitted to send ${signal} to process group ${pgid}: its processes run as another user, ` +
+        'and signalling them needs root or CAP_KILL', { cause: err }), { code: 'EPERM' })
+    }
     throw err
   }
 }
@@ -96,7 +108,10 @@ export function untrackGroup (pgid: number): void {
 export function killTrackedGroupsNow (): number {
   let killed = 0
   for (const pgid of trackedGroups) {
-    if (signalGroup(pgid, 'SIGKILL')) killed++
+    // One group this process may not signal must not spare the others.
+    try {
+      if (signalGroup(pgid, 'SIGKILL')) killed++
+    } catch {}
   }
   return killed
 }

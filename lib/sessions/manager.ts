@@ -81,6 +81,8 @@ export type HibernateReason = 'idle' | 'capacity' | 'shutdown'
 export interface SessionManagerOptions {
   driver: AgentDriver
   maxSessions: number
+  /** Sessions one client may hold at once (starts in progress count); only creates that name a client are counted. */
+  maxSessionsPerClient?: number
   sessionTimeoutMs: number
   maxSessionTimeoutMs: number
   askTimeoutMs: number
@@ -136,7 +138,12 @@ interface Session {
    * instance, the session ends with reason instance_lost.
    */
   adopted: boolean
+  /** Whose per-client budget the session counts against; null when created without a client. */
+  readonly client: ClientSlot | null
 }
+
+/** One client's count of sessions (and starts in progress); shared by its sessions. */
+interface ClientSlot { readonly key: string, count: number }
 
 interface EndedRecord { reason: SessionEndReason, idleMs: number, endedAt: number }
 
@@ -146,6 +153,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
   readonly #sessions = new Map<string, Session>()
   readonly #ended = new Map<string, EndedRecord>()
   readonly #closing = new Map<string, Promise<EndReport>>()
+  readonly #clients = new Map<string, ClientSlot>()
   readonly #shutdown = new AbortController()
   readonly #events = new SessionEvents()
   readonly #permissions: PendingPermissions
@@ -171,6 +179,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     this.#log = options.log ?? silentLogger
     this.#options = {
       maxSessions: options.maxSessions,
+      maxSessionsPerClient: options.maxSessionsPerClient ?? Number.POSITIVE_INFINITY,
       sessionTimeoutMs: options.sessionTimeoutMs,
       maxSessionTimeoutMs: options.maxSessionTimeoutMs,
       askTimeoutMs: options.askTimeoutMs,
@@ -207,7 +216,11 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     return this.#driver
   }
 
-  async create (options: { idleTimeoutMs?: number } = {}): Promise<SessionInfo> {
+  /**
+   * Starts a session. `client` (the caller's address) puts it in that client's
+   * budget of maxSessionsPerClient, so one client cannot hold every slot.
+   */
+  async create (options: { idleTimeoutMs?: number, client?: string } = {}): Promise<SessionInfo> {
     if (this.#closed) throw shuttingDown()
     const idleTimeoutMs = options.idleTimeoutMs ?? this.#options.sessionTimeoutMs
     if (idleTimeoutMs > this.#options.maxSessionTimeoutMs) {
@@ -220,15 +233,26 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
         `The server already runs its maximum of ${this.#options.maxSessions} sessions (MAX_SESSIONS): end one or try again later`,
         { retryAfterSeconds: 30 })
     }
+    const client = options.client === undefined ? null : this.#clientSlot(options.client)
+    if (client !== null && client.count >= this.#options.maxSessionsPerClient) {
+      throw new AgentSessionError('CLIENT_SESSION_LIMIT_REACHED',
+        `This client already holds its maximum of ${this.#options.maxSessionsPerClient} sessions (MAX_SESSIONS_PER_CLIENT): ` +
+        'end one or try again later', { retryAfterSeconds: 30 })
+    }
     this.#starting++
+    if (client !== null) client.count++
     let conversation: AgentConversation
     try {
       conversation = await this.#withLiveSlot(this.#shutdown.signal,
         async () => await this.#driver.open({ timeoutMs: this.#options.startTimeoutMs, signal: this.#shutdown.signal }))
+    } catch (err) {
+      if (client !== null) this.#releaseClient(client)
+      throw err
     } finally {
       this.#starting--
     }
     if (this.#closed) {
+      if (client !== null) this.#releaseClient(client)
       void conversation.close()
       throw shuttingDown()
     }
@@ -248,7 +272,8 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       cancelRequested: false,
       history: null,
       expiryTimer: null,
-      adopted: false
+      adopted: false,
+      client
     }
     this.#sessions.set(session.id, session)
     this.#watch(session, conversation)
@@ -259,6 +284,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       // A shared store that cannot register the session (a cluster without Redis): no id nobody else could find.
       if (this.#sessions.get(session.id) === session) {
         this.#sessions.delete(session.id)
+        if (session.client !== null) this.#releaseClient(session.client)
         void conversation.close().catch(() => {})
       }
       throw err
@@ -410,6 +436,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     const now = this.#now()
     const idleMs = session.state === 'busy' ? 0 : now - session.lastActivity
     this.#sessions.delete(sessionId)
+    if (session.client !== null) this.#releaseClient(session.client)
     this.#setState(session, 'closing')
     this.#clearExpiryWarning(session)
     this.#events.publish(sessionId, { type: 'ended', reason })
@@ -565,6 +592,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     const session = this.#sessions.get(sessionId)
     if (session === undefined) return
     this.#sessions.delete(sessionId)
+    if (session.client !== null) this.#releaseClient(session.client)
     this.#clearExpiryWarning(session)
     const moved = new AgentSessionError('INSTANCE_UNREACHABLE', 'This session moved to another instance: send the request again',
       { retryAfterSeconds: 1 })
@@ -619,7 +647,8 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       cancelRequested: false,
       history: stored.history.length === 0 ? null : stored.history.slice(-this.#options.maxHistory),
       expiryTimer: null,
-      adopted
+      adopted,
+      client: stored.client === undefined ? null : this.#countClient(stored.client)
     }
   }
 
@@ -816,7 +845,8 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       lastActivity: session.lastActivity,
       lastTurnEndedAt: session.lastTurnEndedAt,
       idleTimeoutMs: session.idleTimeoutMs,
-      history: session.history ?? []
+      history: session.history ?? [],
+      ...(session.client === null ? {} : { client: session.client.key })
     }
   }
 
@@ -849,6 +879,26 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     if (session.expiryTimer === null) return
     clearTimeout(session.expiryTimer)
     session.expiryTimer = null
+  }
+
+  #clientSlot (key: string): ClientSlot {
+    let slot = this.#clients.get(key)
+    if (slot === undefined) {
+      slot = { key, count: 0 }
+      this.#clients.set(key, slot)
+    }
+    return slot
+  }
+
+  #countClient (key: string): ClientSlot {
+    const slot = this.#clientSlot(key)
+    slot.count++
+    return slot
+  }
+
+  #releaseClient (slot: ClientSlot): void {
+    slot.count--
+    if (slot.count <= 0) this.#clients.delete(slot.key)
   }
 
   #active (sessionId: string): Session {

@@ -28,6 +28,8 @@ export interface StoredSession {
   idleTimeoutMs: number
   /** The conversation so far (newest turns, up to the manager's limit). */
   history: StoredTurn[]
+  /** The client (address) whose MAX_SESSIONS_PER_CLIENT budget it counts against. */
+  client?: string
 }
 
 export interface StoredEnded {

@@ -1,0 +1,88 @@
+// Shared by the AGENT_USER tests: the agent user (`nobody`), a uid no user
+// database lists, directories every user may write, and the built server.
+
+import { spawn, type ChildProcess } from 'node:child_process'
+import { chmodSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import type { Test } from 'tap'
+import { resolveAgentUser } from '../../lib/processes/agent-user.js'
+import { ROOT, sandbox, waitFor, type Sandbox } from './index.js'
+
+export const SERVER = join(ROOT, 'dist', 'server.js')
+export const IS_ROOT = process.getuid?.() === 0
+let nobody: { uid: number, gid: number } | undefined
+try {
+  const user = resolveAgentUser('nobody')
+  nobody = { uid: user.uid, gid: user.gid }
+} catch {}
+export const NOBODY = nobody
+export const needsRoot = !IS_ROOT ? 'needs root (CI runs as root)' : NOBODY === undefined ? 'needs a `nobody` user' : false
+// A uid no user database lists, for a process that is neither root nor the agent user.
+export const STRANGER_UID = 54321
+
+/** A directory every user may use: what the agent user writes (the simulator's state, the probes) lives here. */
+export function sharedDir (t: Test, prefix: string): string {
+  const dir = mkdtempSync(join(tmpdir(), prefix))
+  chmodSync(dir, 0o777)
+  t.after(() => rmSync(dir, { recursive: true, force: true }))
+  return dir
+}
+
+export function sharedSandbox (t: Test): Sandbox {
+  const box = sandbox(t)
+  chmodSync(box.stateDir, 0o777)
+  return box
+}
+
+export function uidOf (pid: number): number | undefined {
+  try {
+    return Number(/^Uid:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1])
+  } catch {
+    return undefined
+  }
+}
+
+// The server's children must not inherit tap's loader hooks, nor a token from whoever runs the tests.
+export function cleanEnv (extra: Record<string, string>): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = {}
+  for (const [key, value] of Object.entries(process.env)) {
+    if (key === 'NODE_OPTIONS' || key.startsWith('TAP') || key.startsWith('_TAPJS') || key.startsWith('API_TOKEN') || key === 'AGENT_USER') continue
+    env[key] = value
+  }
+  return { ...env, ...extra }
+}
+
+export interface Server { proc: ChildProcess, url: string, output: () => string, exited: Promise<{ code: number | null, signal: NodeJS.Signals | null }> }
+
+export async function startServer (t: Test, env: Record<string, string>): Promise<Server> {
+  const proc = spawn(process.execPath, [SERVER], {
+    cwd: ROOT,
+    env: cleanEnv({ PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'info', KILL_GRACE: '1s', ...env }),
+    stdio: ['ignore', 'pipe', 'pipe']
+  })
+  t.after(() => { if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL') })
+  let output = ''
+  proc.stdout!.on('data', (chunk: Buffer) => { output += String(chunk) })
+  proc.stderr!.on('data', (chunk: Buffer) => { output += String(chunk) })
+  const exited = new Promise<{ code: number | null, signal: NodeJS.Signals | null }>((resolve) => proc.once('exit', (code, signal) => resolve({ code, signal })))
+  const url = await Promise.race([
+    waitFor(() => /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(output)?.[1], 60_000, 'the server to listen'),
+    exited.then(() => { throw new Error(`the server exited: ${output}`) })
+  ])
+  return { proc, url, output: () => output, exited }
+}
+
+/** Runs the built server until it exits by itself (a refused start); SIGKILLed after 30 s. */
+export async function refusedStart (command: string[], env: Record<string, string>, uid?: number): Promise<{ code: number | null, output: string }> {
+  const [bin, ...args] = command
+  const proc = spawn(bin, args, { cwd: ROOT, env: cleanEnv({ PORT: '0', ...env }), stdio: ['ignore', 'pipe', 'pipe'], ...(uid === undefined ? {} : { uid, gid: uid }) })
+  let output = ''
+  proc.stdout.on('data', (chunk: Buffer) => { output += String(chunk) })
+  proc.stderr.on('data', (chunk: Buffer) => { output += String(chunk) })
+  const guard = setTimeout(() => proc.kill('SIGKILL'), 30_000)
+  const code = await new Promise<number | null>((resolve) => proc.once('exit', resolve))
+  clearTimeout(guard)
+  return { code, output }
+}
+

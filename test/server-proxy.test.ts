@@ -1,0 +1,72 @@
+// The built standalone server behind proxies (TRUST_PROXY). `npm test` builds
+// dist/ before tap runs.
+
+import t, { type Test } from 'tap'
+import { spawn, type ChildProcess } from 'node:child_process'
+import { existsSync } from 'node:fs'
+import { join } from 'node:path'
+import envSchema from 'env-schema'
+import { envJsonSchema, resolveConfig } from '../lib/config.js'
+import { ROOT, SIMULATOR, sandbox, waitFor } from './helpers/index.js'
+
+const SERVER = join(ROOT, 'dist', 'server.js')
+
+// The server must not inherit tap's loader hooks, nor settings from whoever runs the tests.
+function cleanEnv (extra: Record<string, string>): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = {}
+  for (const [key, value] of Object.entries(process.env)) {
+    if (key === 'NODE_OPTIONS' || key.startsWith('TAP') || key.startsWith('_TAPJS') || key.startsWith('API_TOKEN') || key === 'TRUST_PROXY') continue
+    env[key] = value
+  }
+  return { ...env, ...extra }
+}
+
+interface Server { proc: ChildProcess, url: string, port: number, logs: string[] }
+
+async function startServer (t: Test, env: Record<string, string>): Promise<Server> {
+  const box = sandbox(t)
+  const proc = spawn(process.execPath, [SERVER], {
+    cwd: ROOT,
+    env: cleanEnv({
+      PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'info', KILL_GRACE: '1s', CURSOR_AGENT_BIN: SIMULATOR,
+      FAKE_AGENT_STATE_DIR: box.stateDir, AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR', ...env
+    }),
+    stdio: ['ignore', 'pipe', 'pipe']
+  })
+  t.after(() => { if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL') })
+  const logs: string[] = []
+  proc.stdout!.on('data', (chunk: Buffer) => { logs.push(...String(chunk).split('\n').filter(Boolean)) })
+  proc.stderr!.on('data', (chunk: Buffer) => { logs.push(String(chunk)) })
+  const url = await waitFor(() => logs.map((l) => /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(l)?.[1]).find(Boolean), 60_000, 'the server to listen')
+  return { proc, url, port: Number(new URL(url).port), logs }
+}
+
+t.before(() => {
+  if (!existsSync(SERVER)) throw new Error('dist/server.js is missing: run `npm run build` (npm test does)')
+})
+
+t.test('TRUST_PROXY: behind the listed proxy X-Forwarded-For is the client; otherwise it is ignored', async (t) => {
+  for (const [trust, separate] of [['127.0.0.1', true], ['10.0.0.0/8', false], ['', false]] as const) {
+    const server = await startServer(t, { MAX_SESSIONS_PER_CLIENT: '1', ...(trust === '' ? {} : { TRUST_PROXY: trust }) })
+    const start = async (client: string): Promise<number> => (await fetch(`${server.url}/api/session/start`, { method: 'POST', headers: { 'x-forwarded-for': client } })).status
+    t.equal(await start('203.0.113.1'), 200, `TRUST_PROXY=${trust}: first client`)
+    t.equal(await start('203.0.113.1'), 503, `TRUST_PROXY=${trust}: its second session`)
+    t.equal(await start('203.0.113.2'), separate ? 200 : 503, `TRUST_PROXY=${trust}: another X-Forwarded-For ${separate ? 'is another client' : 'is ignored'}`)
+    server.proc.kill('SIGTERM')
+  }
+  // The server refuses to start on a bad value (the others are checked in-process below).
+  for (const [value, message] of [['true', /TRUST_PROXY \(option trustProxy\) must be a hop count, or a comma-separated list of proxy addresses or CIDRs .*got "true"/]] as const) {
+    const proc = spawn(process.execPath, [SERVER], { cwd: ROOT, env: cleanEnv({ PORT: '0', TRUST_PROXY: value }), stdio: ['ignore', 'pipe', 'pipe'] })
+    let stderr = ''
+    proc.stderr.on('data', (chunk: Buffer) => { stderr += String(chunk) })
+    t.equal(await new Promise((resolve) => proc.once('exit', resolve)), 1, `TRUST_PROXY=${value} is refused`)
+    t.match(stderr, message)
+  }
+  for (const [value, message] of [['10.0.0.0/33', /TRUST_PROXY .*got "10.0.0.0\/33"/], ['0', /TRUST_PROXY .*hop count from 1 to 100/],
+    ['10.0.0.1/8/2', /TRUST_PROXY .*got "10.0.0.1\/8\/2"/], ['proxy.example', /TRUST_PROXY .*got "proxy.example"/]] as const) {
+    t.throws(() => resolveConfig(envSchema({ schema: structuredClone(envJsonSchema), data: { TRUST_PROXY: value }, dotenv: false })), { message }, value)
+  }
+  t.same(resolveConfig(envSchema({ schema: structuredClone(envJsonSchema), data: { TRUST_PROXY: '10.0.0.0/8, ::1,loopback' }, dotenv: false })).trustProxy,
+    ['10.0.0.0/8', '::1', 'loopback'])
+  t.equal(resolveConfig(envSchema({ schema: structuredClone(envJsonSchema), data: { TRUST_PROXY: '2' }, dotenv: false })).trustProxy, 2)
+})
