@@ -5,9 +5,11 @@
 // Every benchmark reports its figures against a baseline measured in the same
 // run, never an absolute time on its own: the machines are shared and noisy.
 
-import { fork, type ChildProcess } from 'node:child_process'
+import { execFileSync, fork, spawn, type ChildProcess } from 'node:child_process'
 import { randomUUID } from 'node:crypto'
-import { mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs'
+import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs'
+import { request as httpRequest } from 'node:http'
+import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -17,6 +19,7 @@ import type { AgentSessionsOptions } from '../app.js'
 import { liftDecorators, ROOT, SIMULATOR } from '../test/helpers/index.js'
 import type { AgentConversation, AgentDriver, ProcessReport } from '../lib/agents/types.js'
 import { isProcessAlive, signalGroup } from '../lib/processes/terminate.js'
+import { SERVICE_ENV_NAMES } from '../lib/config.js'
 
 export { ROOT, SIMULATOR }
 
@@ -34,6 +37,17 @@ export async function serviceApp (options: AgentSessionsOptions, fastifyOptions:
 export const BENCH_DIR = fileURLToPath(new URL('.', import.meta.url))
 
 export const QUICK = process.argv.includes('--quick') || process.env.BENCH_QUICK === '1'
+
+/** The benchmarks bench/run.ts runs, in order. */
+export const BENCHMARKS = ['heartbeat', 'ask', 'teardown', 'reaper', 'memory', 'precision'] as const
+
+/**
+ * How long one quick-mode benchmark may run before bench/run.ts gives up on
+ * it: only a hang should reach it. A quick benchmark takes seconds on a quiet
+ * machine, but each starts two or three Node.js processes through tsx, and on
+ * a loaded 2-core machine one of those can take 15 s to start.
+ */
+export const QUICK_BENCH_TIMEOUT_MS = 600_000
 
 /** What one benchmark hands back to bench/run.ts: its table rows and its raw figures. */
 export interface BenchResult {
@@ -86,6 +100,49 @@ export function summarize (values: readonly number[]): Summary {
 
 export function median (values: readonly number[]): number {
   return percentile([...values].sort((a, b) => a - b), 50)
+}
+
+/** Quantile with linear interpolation between order statistics (R's type 7); 0.5 is the usual median. */
+export function quantile (values: readonly number[], q: number): number {
+  const sorted = [...values].sort((a, b) => a - b)
+  if (sorted.length === 0) return NaN
+  const pos = (sorted.length - 1) * q
+  const lo = Math.floor(pos)
+  const hi = Math.ceil(pos)
+  return sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo)
+}
+
+/** A seeded generator (mulberry32): bootstrap intervals come out the same for the same data. */
+function seededRandom (seed: number): () => number {
+  let a = seed >>> 0
+  return () => {
+    a = (a + 0x6D2B79F5) >>> 0
+    let t = a
+    t = Math.imul(t ^ (t >>> 15), t | 1)
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
+  }
+}
+
+/** The middle and the spread of per-round figures: median, interquartile range and a bootstrap 95 % interval of the median. */
+export interface Spread { n: number, median: number, q1: number, q3: number, ciLow: number, ciHigh: number }
+
+export function spread (values: readonly number[], resamples = 4000): Spread {
+  const n = values.length
+  const random = seededRandom(0x5eed)
+  const medians: number[] = []
+  for (let r = 0; r < resamples && n > 0; r++) {
+    const sample = Array.from({ length: n }, () => values[Math.floor(random() * n)])
+    medians.push(quantile(sample, 0.5))
+  }
+  return {
+    n,
+    median: quantile(values, 0.5),
+    q1: quantile(values, 0.25),
+    q3: quantile(values, 0.75),
+    ciLow: quantile(medians, 0.025),
+    ciHigh: quantile(medians, 0.975)
+  }
 }
 
 export function round (value: number, digits = 2): number {
@@ -237,6 +294,7 @@ export interface ServerConfig {
 
 export interface ServerHandle {
   port: number
+  pid: number
   sessionId: string
   url: string
   request: <T = unknown>(command: string, args?: Record<string, unknown>) => Promise<T>
@@ -276,6 +334,7 @@ export async function startServer (config: ServerConfig): Promise<ServerHandle> 
   const { port, sessionId } = await started
   return {
     port,
+    pid: child.pid as number,
     sessionId,
     url: `http://127.0.0.1:${port}`,
     request: async <T>(command: string, args: Record<string, unknown> = {}) => {
@@ -296,6 +355,198 @@ export async function startServer (config: ServerConfig): Promise<ServerHandle> 
 }
 
 // ---------------------------------------------------------------------------
+// Servers in processes of their own as users run them: the standalone server
+// (`node dist/server.js`, as `npm start` runs it) and its baseline, a bare
+// Fastify server (bench/bare-server.mjs) with the same logger at the same level.
+
+/** What a load run needs of a server, and what CPU accounting needs. */
+export interface LoadTarget {
+  url: string
+  sessionId: string
+  pid: number
+}
+
+export interface ProcessServer extends LoadTarget {
+  stop: () => Promise<void>
+}
+
+/**
+ * CPU time a process has used so far (every thread), in microseconds: the sum
+ * of /proc/PID/task/TID/schedstat, the scheduler's own count in nanoseconds.
+ * utime + stime in /proc/PID/stat come in 10 ms clock ticks, each rounded
+ * down: over a 1.5 s round at 0.3-0.7 s of CPU that is a few percent of error
+ * per round, as large as the gaps the heartbeat benchmark looks for. (A thread
+ * running at the moment of reading is counted up to its last scheduler tick.)
+ */
+export function processCpuUs (pid: number): number {
+  let ns = 0
+  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+    try {
+      ns += Number(readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'latin1').split(' ')[0])
+    } catch {} // a thread that ended between the listing and the read
+  }
+  return ns / 1000
+}
+
+/**
+ * CPU time (user + system) this process has used so far, in milliseconds. The
+ * kernel brings the calling thread's share up to date on each call (other
+ * threads only at scheduler ticks), so it times a synchronous loop to the
+ * microsecond; unlike a wall clock it does not grow while other processes of
+ * a busy machine hold the core. (/proc/thread-self/schedstat would not do: it
+ * counts the running slice only at the next tick.)
+ */
+export function cpuTimeMs (): number {
+  const usage = process.cpuUsage()
+  return (usage.user + usage.system) / 1000
+}
+
+function freePort (): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const probe = createServer()
+    probe.once('error', reject)
+    probe.listen(0, '127.0.0.1', () => {
+      const address = probe.address()
+      const port = typeof address === 'object' && address !== null ? address.port : 0
+      probe.close(() => resolve(port))
+    })
+  })
+}
+
+function post (url: string): Promise<{ status: number, body: string }> {
+  return new Promise((resolve, reject) => {
+    const req = httpRequest(url, { method: 'POST' }, (res) => {
+      let body = ''
+      res.setEncoding('utf8')
+      res.on('data', (chunk: string) => { body += chunk })
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body }))
+    })
+    req.on('error', reject)
+    req.end()
+  })
+}
+
+/** The environment a user's shell would hand the server: none of the service's own settings leak in from ours. */
+function serverEnv (extra: Record<string, string>): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = {}
+  for (const [key, value] of Object.entries(process.env)) {
+    if (!SERVICE_ENV_NAMES.includes(key)) env[key] = value
+  }
+  return { ...env, ...extra }
+}
+
+function exitedPromise (child: ChildProcess): Promise<void> {
+  return new Promise((resolve) => {
+    if (child.exitCode !== null || child.signalCode !== null) resolve()
+    else child.once('exit', () => resolve())
+  })
+}
+
+async function stopProcess (child: ChildProcess, exited: Promise<void>): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return
+  child.kill('SIGTERM')
+  const timer = setTimeout(() => child.kill('SIGKILL'), 15_000)
+  await exited
+  clearTimeout(timer)
+}
+
+export interface ProcessServerOptions {
+  logLevel: string
+  /** Sessions started before the load (the first is the one heartbeats go to). */
+  sessions: number
+  /** Simulator state dir of the standalone server's sessions (bench/run.ts checks its pids). */
+  stateDir: string
+  /** Extra node flags (BENCH_SERVER_FLAGS: --cpu-prof ...). */
+  nodeFlags?: string[]
+  /** Another build's server.js (an A/B of two builds); dist/server.js, built if stale, by default. */
+  entry?: string
+}
+
+/**
+ * The standalone server as the README starts it (`npm start`: build if stale,
+ * then `node dist/server.js`; `npm run demo`: against the simulator), with its
+ * defaults but LOG_LEVEL, on a free loopback port. Its logs go to /dev/null:
+ * the figures are the server's cost to write them, not a log pipeline's.
+ */
+let built = false
+
+export async function startStandalone (options: ProcessServerOptions): Promise<ProcessServer> {
+  if (!built && options.entry === undefined) {
+    execFileSync(process.execPath, [join(ROOT, 'scripts', 'ensure-built.mjs')], { cwd: ROOT, stdio: 'inherit' })
+    built = true
+  }
+  const port = await freePort()
+  const devNull = openSync('/dev/null', 'w')
+  const child = spawn(process.execPath, [...(options.nodeFlags ?? []), options.entry ?? join(ROOT, 'dist', 'server.js')], {
+    cwd: ROOT,
+    env: serverEnv({
+      PORT: String(port),
+      HOST: '127.0.0.1',
+      LOG_LEVEL: options.logLevel,
+      CURSOR_AGENT_BIN: SIMULATOR,
+      FAKE_AGENT_STATE_DIR: options.stateDir
+    }),
+    stdio: ['ignore', devNull, 'inherit']
+  })
+  closeSync(devNull)
+  const exited = exitedPromise(child)
+  const url = `http://127.0.0.1:${port}`
+  try {
+    let first: string | undefined
+    const deadline = performance.now() + 60_000
+    while (first === undefined) {
+      if (child.exitCode !== null) throw new Error(`the standalone server exited with code ${child.exitCode}`)
+      if (performance.now() > deadline) throw new Error('the standalone server did not answer within 60 s')
+      try {
+        const res = await post(`${url}/api/session/start`)
+        if (res.status !== 200) throw new Error(`POST /api/session/start answered ${res.status}: ${res.body}`)
+        first = (JSON.parse(res.body) as { session_id: string }).session_id
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'ECONNREFUSED') throw err
+        await sleep(100)
+      }
+    }
+    for (let i = 1; i < options.sessions; i++) {
+      const res = await post(`${url}/api/session/start`)
+      if (res.status !== 200) throw new Error(`POST /api/session/start answered ${res.status}: ${res.body}`)
+    }
+    return { url, sessionId: first, pid: child.pid as number, stop: async () => { await stopProcess(child, exited) } }
+  } catch (err) {
+    await stopProcess(child, exited)
+    throw err
+  }
+}
+
+/** The baseline: bench/bare-server.mjs under plain `node`, same LOG_LEVEL, as many Map entries as sessions. */
+export async function startBareProcess (options: Omit<ProcessServerOptions, 'stateDir'>): Promise<ProcessServer> {
+  const port = await freePort()
+  const devNull = openSync('/dev/null', 'w')
+  const child = spawn(process.execPath, [...(options.nodeFlags ?? []), join(BENCH_DIR, 'bare-server.mjs')], {
+    cwd: ROOT,
+    env: serverEnv({ PORT: String(port), HOST: '127.0.0.1', LOG_LEVEL: options.logLevel, BARE_SESSIONS: String(options.sessions) }),
+    stdio: ['ignore', devNull, 'inherit', 'pipe']
+  })
+  closeSync(devNull)
+  const exited = exitedPromise(child)
+  try {
+    const ids = await new Promise<string[]>((resolve, reject) => {
+      let text = ''
+      const pipe = child.stdio[3] as NodeJS.ReadableStream
+      pipe.setEncoding('utf8')
+      pipe.on('data', (chunk: string) => {
+        text += chunk
+        if (text.includes('\n')) resolve((JSON.parse(text) as { ids: string[] }).ids)
+      })
+      void exited.then(() => reject(new Error(`the bare server exited with code ${String(child.exitCode)}`)))
+    })
+    return { url: `http://127.0.0.1:${port}`, sessionId: ids[0], pid: child.pid as number, stop: async () => { await stopProcess(child, exited) } }
+  } catch (err) {
+    await stopProcess(child, exited)
+    throw err
+  }
+}
+
+// ---------------------------------------------------------------------------
 // HTTP load
 
 export interface LoadResult {
@@ -307,12 +558,14 @@ export interface LoadResult {
   latencyP99Ms: number
 }
 
-export async function loadHeartbeat (server: ServerHandle, options: { connections: number, seconds: number }): Promise<LoadResult> {
+export async function loadHeartbeat (server: Pick<LoadTarget, 'url' | 'sessionId'>, options: { connections: number, seconds: number }): Promise<LoadResult> {
   const result = await autocannon({
     url: `${server.url}/api/heartbeat?session_id=${encodeURIComponent(server.sessionId)}`,
     method: 'POST',
     connections: options.connections,
-    duration: options.seconds,
+    // Quick mode counts requests instead: on a busy machine a short duration
+    // can pass before the first answer, and a ratio of zeros is no figure.
+    ...(QUICK ? { amount: 20 * options.connections } : { duration: options.seconds }),
     pipelining: 1
   })
   return {

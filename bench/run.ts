@@ -13,16 +13,18 @@
 // Quick mode (--quick or BENCH_QUICK=1) uses small N and short durations so CI
 // can keep the benchmarks from rotting; its timings mean nothing.
 
-import { fork } from 'node:child_process'
+import { fork, type ChildProcess } from 'node:child_process'
 import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { availableParallelism, cpus, loadavg, release, tmpdir, totalmem } from 'node:os'
 import { join } from 'node:path'
-import { BENCH_DIR, killLeftovers, pidLogsUnder, QUICK, readPidLog, removeDir, ROOT, type BenchResult, type TableRow } from './lib.js'
+import { BENCH_DIR, BENCHMARKS as ALL, killLeftovers, pidLogsUnder, QUICK, QUICK_BENCH_TIMEOUT_MS, readPidLog, removeDir, ROOT, type BenchResult, type TableRow } from './lib.js'
 
-const ALL = ['heartbeat', 'ask', 'teardown', 'reaper', 'memory', 'precision'] as const
 const onlyArg = process.argv.find((a) => a.startsWith('--only='))
 const selected = onlyArg === undefined ? [...ALL] : onlyArg.slice('--only='.length).split(',').filter((n) => n !== '')
-const TIMEOUT_MS = QUICK ? 60_000 : 150_000
+const TIMEOUT_MS = QUICK ? QUICK_BENCH_TIMEOUT_MS : 150_000
+// The heartbeat starts four to six servers (two of them start sessions through
+// the simulator), then runs 72 rounds of 1.5 s.
+const TIMEOUT_MS_OF: Record<string, number> = QUICK ? {} : { heartbeat: 300_000 }
 
 interface Failure { name: string, error: string }
 
@@ -42,25 +44,49 @@ function machine (): Record<string, string | number> {
   }
 }
 
+// Each benchmark runs in a process group of its own, with every server it
+// starts: a timeout or an interrupt ends the whole group, so no server it
+// started (the standalone ones have no IPC channel to notice) is left running.
+let current: ChildProcess | null = null
+let interrupted = false
+
+function signalCurrent (signal: NodeJS.Signals): void {
+  if (current?.pid === undefined) return
+  try {
+    process.kill(-current.pid, signal)
+  } catch {}
+}
+
+for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+  process.once(signal, () => {
+    interrupted = true
+    signalCurrent('SIGTERM')
+  })
+}
+
 async function runOne (name: string, root: string): Promise<BenchResult> {
   const child = fork(join(BENCH_DIR, 'child.ts'), [name], {
     cwd: ROOT,
     execArgv: ['--import', 'tsx', '--expose-gc'],
     env: { ...process.env, BENCH_QUICK: QUICK ? '1' : '0', BENCH_TMP_ROOT: root },
-    stdio: ['ignore', 'inherit', 'inherit', 'ipc']
+    stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
+    detached: true
   })
+  current = child
+  const timeoutMs = TIMEOUT_MS_OF[name] ?? TIMEOUT_MS
   return await new Promise<BenchResult>((resolve, reject) => {
     let result: BenchResult | undefined
     const timer = setTimeout(() => {
-      child.kill('SIGKILL')
-      reject(new Error(`timed out after ${TIMEOUT_MS / 1000} s`))
-    }, TIMEOUT_MS)
+      signalCurrent('SIGKILL')
+      reject(new Error(`timed out after ${timeoutMs / 1000} s`))
+    }, timeoutMs)
     child.on('message', (msg) => {
       const m = msg as { type: string, result: BenchResult }
       if (m.type === 'result') result = m.result
     })
     child.once('exit', (code, signal) => {
       clearTimeout(timer)
+      current = null
       if (result !== undefined && code === 0) resolve(result)
       else reject(new Error(`exited with ${signal ?? `code ${String(code)}`}${result === undefined ? ' without a result' : ''}`))
     })
@@ -89,6 +115,7 @@ const failures: Failure[] = []
 let leftover: number[] = []
 try {
   for (const name of selected) {
+    if (interrupted) break
     const t = performance.now()
     process.stderr.write(`bench: ${name}${QUICK ? ' (quick)' : ''} ... `)
     try {
@@ -111,6 +138,7 @@ const seconds = (performance.now() - started) / 1000
 console.log(`\n${table(rows)}\n`)
 console.log(`${QUICK ? 'QUICK MODE (small N, short runs: the figures mean nothing). ' : ''}` +
   `Machine: ${info.nproc} x ${info.cpu}, node ${info.node}, load average ${info.loadAverageAtStart} at start. ${seconds.toFixed(0)} s.`)
+if (interrupted) console.log('INTERRUPTED: the remaining benchmarks did not run')
 for (const f of failures) console.log(`FAILED: ${f.name}: ${f.error}`)
 if (leftover.length > 0) console.log(`LEFT BEHIND: ${leftover.length} agent process(es) were still running and have been killed: ${leftover.join(', ')}`)
 
@@ -127,4 +155,4 @@ const out = {
 const file = process.env.BENCH_RESULTS_FILE ?? join(BENCH_DIR, 'results.json')
 writeFileSync(file, JSON.stringify(out, null, 2) + '\n')
 console.log(`Wrote ${file}`)
-process.exitCode = failures.length > 0 || leftover.length > 0 ? 1 : 0
+process.exitCode = interrupted ? 130 : failures.length > 0 || leftover.length > 0 ? 1 : 0

@@ -10,7 +10,7 @@
 
 import { monitorEventLoopDelay, type IntervalHistogram } from 'node:perf_hooks'
 import Fastify, { type FastifyInstance } from 'fastify'
-import { flatUUID, idleDriver, type ServerConfig, serviceApp } from './lib.js'
+import { flatUUID, idleDriver, type ServerConfig, serviceApp, cpuTimeMs } from './lib.js'
 
 const config = JSON.parse(process.argv[2] ?? '{}') as ServerConfig
 const LOOP_DELAY_RESOLUTION_MS = 1
@@ -41,6 +41,39 @@ async function bareApp (sessions: number): Promise<{ app: FastifyInstance, sessi
   return { app, sessionId: first }
 }
 
+// The baseline of one sweep: the same check over a plain Map of plain objects
+// with the fields a session has (lib/sessions/manager.ts), one per session.
+interface BareRecord {
+  id: string
+  chatId: string
+  createdAt: number
+  idleTimeoutMs: number
+  state: 'idle' | 'busy' | 'closing'
+  lastActivity: number
+  turn: AbortController | null
+  settling: Promise<unknown> | null
+  history: unknown[] | null
+}
+const bareRecords = new Map<string, BareRecord>()
+
+function addBareRecord (idleTimeoutMs: number): void {
+  const id = flatUUID()
+  const now = Date.now()
+  bareRecords.set(id, { id, chatId: flatUUID(), createdAt: now, idleTimeoutMs, state: 'idle', lastActivity: now, turn: null, settling: null, history: null })
+}
+
+function bareSweep (): number {
+  const now = Date.now()
+  const expired: string[] = []
+  let checked = 0
+  for (const session of bareRecords.values()) {
+    checked++
+    if (session.state === 'idle' && now - session.lastActivity >= session.idleTimeoutMs) expired.push(session.id)
+  }
+  if (checked !== bareRecords.size) throw new Error('unreachable')
+  return expired.length
+}
+
 async function serviceTarget (sessions: number): Promise<{ app: FastifyInstance, sessionId: string }> {
   const app = await serviceApp({
     driver: idleDriver(),
@@ -53,6 +86,9 @@ async function serviceTarget (sessions: number): Promise<{ app: FastifyInstance,
   for (let i = 0; i < sessions; i++) {
     const info = await app.agentSessions.create()
     if (i === 0) first = info.id
+    // The sweep's baseline grows in the same loop: its records are allocated
+    // among the same garbage and lie in the heap like the sessions do.
+    addBareRecord(info.idleTimeoutMs)
   }
   return { app, sessionId: first }
 }
@@ -72,23 +108,21 @@ function delayStats (h: IntervalHistogram): Record<string, number> {
   return { samples: h.count, p50Ms: ms(h.percentile(50)), p99Ms: ms(h.percentile(99)), maxMs: ms(h.max), meanMs: ms(h.mean) }
 }
 
-// The baseline of one sweep: the same check over a plain Map of as many plain objects.
-let bareMap: Map<string, BareSession> | null = null
-function bareSweep (): number {
-  bareMap ??= new Map(Array.from({ length: config.sessions }, () => {
-    const id = flatUUID()
-    return [id, { id, state: 'idle', lastActivity: Date.now(), idleTimeoutMs: 3_600_000 }] as const
-  }))
-  const started = performance.now()
-  const now = Date.now()
-  const expired: string[] = []
-  let checked = 0
-  for (const session of bareMap.values()) {
-    checked++
-    if (session.state === 'idle' && now - session.lastActivity >= session.idleTimeoutMs) expired.push(session.id)
+async function serviceSweep (): Promise<number> {
+  const report = await app.agentSessions.sweep()
+  if (report.checked !== config.sessions || report.reaped.length !== 0) {
+    throw new Error(`a sweep checked ${report.checked} sessions and reaped ${report.reaped.length}`)
   }
-  if (checked !== bareMap.size) throw new Error('unreachable')
-  return performance.now() - started
+  return report.checked
+}
+
+/** Wall time and CPU time of one call, in ms. */
+async function timed (fn: () => unknown): Promise<{ wallMs: number, cpuMs: number }> {
+  const cpu = cpuTimeMs()
+  const wall = performance.now()
+  await fn()
+  const wallMs = performance.now() - wall
+  return { wallMs, cpuMs: cpuTimeMs() - cpu }
 }
 
 const commands: Record<string, (args: Record<string, unknown>) => Promise<unknown> | unknown> = {
@@ -112,27 +146,35 @@ const commands: Record<string, (args: Record<string, unknown>) => Promise<unknow
     const sweeps = config.mode === 'service' ? app.agentSessionsReaper.stats().sweeps - sweepsAtStart : 0
     return { sweeps, ...stats }
   },
-  // Sweeps timed one by one with the reaper's timer stopped and no load, against the bare loop.
+  // Sweeps timed one by one with the reaper's timer stopped and no load,
+  // alternating with the bare loop (which goes first every other time). Both
+  // loops are compiled first (untimed rounds) and a full GC runs before the
+  // timed ones, so neither pays for JIT warm-up or for the other's garbage.
   'sweep-times': async (args) => {
     await app.agentSessionsReaper.stop()
     const count = Number(args.count)
-    const sweep: number[] = []
-    const bare: number[] = []
-    for (let i = 0; i < count; i++) {
-      const report = await app.agentSessions.sweep()
-      if (report.checked !== config.sessions || report.reaped.length !== 0) {
-        throw new Error(`a sweep checked ${report.checked} sessions and reaped ${report.reaped.length}`)
-      }
-      sweep.push(report.durationMs)
-      bare.push(bareSweep())
-      await new Promise((resolve) => setImmediate(resolve))
+    const warmup = Number(args.warmup ?? 5)
+    const tick = (): Promise<void> => new Promise((resolve) => setImmediate(resolve))
+    for (let i = 0; i < warmup; i++) {
+      await serviceSweep()
+      bareSweep()
+      await tick()
     }
-    return { sweep, bare }
-  },
-  // CPU time this process used (user + system, microseconds): the server's cost per request.
-  cpu: () => {
-    const usage = process.cpuUsage()
-    return usage.user + usage.system
+    globalThis.gc?.()
+    globalThis.gc?.()
+    const sweep: Array<{ wallMs: number, cpuMs: number }> = []
+    const bare: Array<{ wallMs: number, cpuMs: number }> = []
+    for (let i = 0; i < count; i++) {
+      if (i % 2 === 0) {
+        sweep.push(await timed(serviceSweep))
+        bare.push(await timed(bareSweep))
+      } else {
+        bare.push(await timed(bareSweep))
+        sweep.push(await timed(serviceSweep))
+      }
+      await tick()
+    }
+    return { sweep, bare, gcExposed: globalThis.gc !== undefined }
   },
   heap: () => {
     globalThis.gc?.()

@@ -14,6 +14,7 @@ import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs'
 import { Agent, request as httpRequest } from 'node:http'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { monitorEventLoopDelay } from 'node:perf_hooks'
 import { fileURLToPath, pathToFileURL } from 'node:url'
 import { setFlagsFromString } from 'node:v8'
 import { runInNewContext } from 'node:vm'
@@ -21,6 +22,7 @@ import fp from 'fastify-plugin'
 import Fastify, { type FastifyInstance } from 'fastify'
 import agentSessions, { type AgentSessionsOptions } from '../app.js'
 import { isProcessAlive, signalGroup } from '../lib/processes/terminate.js'
+import { AGENT_CALL_TIMEOUT_MS, EVENT_TIMEOUT_MS, onlyTheseTurnsTimeOut } from '../test/helpers/index.js'
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
 const SIMULATOR = join(ROOT, 'test', 'fixtures', 'fake-cursor-agent.mjs')
@@ -34,6 +36,7 @@ export interface SoakOptions {
   sessionTimeoutMs: number
   cleanupIntervalMs: number
   killGraceMs: number
+  /** ASK_TIMEOUT, which only the stalled turns can reach: every other agent call has a generous timeout of its own. */
   askTimeoutMs: number
   /** Share of turns that run a misbehaving agent (0..1). */
   faultRate: number
@@ -45,6 +48,8 @@ export interface SoakOptions {
 export interface SoakReport {
   options: SoakOptions
   durationMs: number
+  /** The event loop's worst delay during the load: a request waits that long, and the reaper's sweep with it. */
+  loopDelayMaxMs: number
   sessionsStarted: number
   /** Asks sent, and those answered 200 (the rest: busy, failed or timed-out turns, ended sessions). */
   turns: number
@@ -71,7 +76,10 @@ export const SOAK_DEFAULTS: SoakOptions = {
   sessionsPerClient: 20,
   turnsPerSession: 5,
   transport: 'http',
-  sessionTimeoutMs: 400,
+  // The clients race the reaper on purpose: they idle for about this long. On
+  // a loaded machine the event loop also stalls (for seconds), and a session
+  // can expire between two steps of its client; 1 s keeps most of them alive.
+  sessionTimeoutMs: 1000,
   cleanupIntervalMs: 100,
   killGraceMs: 500,
   askTimeoutMs: 1500,
@@ -141,7 +149,8 @@ function readPids (stateDir: string): number[] {
   return [...new Set(text.split('\n').filter(Boolean).map((line) => Number(line.split(' ')[0])))]
 }
 
-async function waitUntil (probe: () => boolean, timeoutMs: number): Promise<boolean> {
+/** Polls until the probe holds; false at the deadline, which only turns a leak (something that never goes) into a finding. */
+async function waitUntil (probe: () => boolean, timeoutMs = EVENT_TIMEOUT_MS): Promise<boolean> {
   const deadline = Date.now() + timeoutMs
   while (!probe()) {
     if (Date.now() >= deadline) return false
@@ -197,11 +206,14 @@ export async function runSoak (partial: Partial<SoakOptions> = {}): Promise<Soak
     cleanupInterval: options.cleanupIntervalMs,
     killGrace: options.killGraceMs,
     askTimeout: options.askTimeoutMs,
+    startTimeout: AGENT_CALL_TIMEOUT_MS,
     maxSessions: 10_000,
     // Every simulated client connects from 127.0.0.1.
     maxSessionsPerClient: 10_000,
     startRateLimit: 1_000_000,
-    agentEnv: { FAKE_AGENT_STATE_DIR: stateDir }
+    agentEnv: { FAKE_AGENT_STATE_DIR: stateDir },
+    // Only stalled turns may time out: starts and the other turns get a generous timeout.
+    wrapDriver: onlyTheseTurnsTimeOut((prompt) => prompt.includes('[[fault:stall]]'))
   }
   // A fresh function: fp() marks the function it wraps.
   await app.register(fp(async (instance, opts: AgentSessionsOptions) => { await agentSessions(instance, opts) }), pluginOptions)
@@ -267,7 +279,7 @@ export async function runSoak (partial: Partial<SoakOptions> = {}): Promise<Soak
       await call('end', 'POST', `/api/session/end?session_id=${id}`)
     }
     await send('GET', '/api/health')
-    await waitUntil(() => readPids(stateDir).every((pid) => !isProcessAlive(pid)) && app.agentSessions.counts().closing === 0, 10_000)
+    await waitUntil(() => readPids(stateDir).every((pid) => !isProcessAlive(pid)) && app.agentSessions.counts().closing === 0)
     agent?.destroy()
     send = connect()
     await sleep(200)
@@ -276,6 +288,8 @@ export async function runSoak (partial: Partial<SoakOptions> = {}): Promise<Soak
   const heapBeforeMb = await heapAfterGcMb()
   log(`baseline: ${fdsBefore} open fds, heap ${heapBeforeMb} MB after gc`)
 
+  const loopDelay = monitorEventLoopDelay({ resolution: 20 })
+  loopDelay.enable()
   const started = performance.now()
   const client = async (index: number): Promise<void> => {
     const rand = random(options.seed * 1000 + index)
@@ -329,10 +343,13 @@ export async function runSoak (partial: Partial<SoakOptions> = {}): Promise<Soak
   }
   await Promise.all(Array.from({ length: options.clients }, async (_, i) => { await client(i) }))
   const durationMs = Math.round(performance.now() - started)
-  log(`load done in ${durationMs} ms: ${sessionsStarted} sessions, ${turns} turns`)
+  loopDelay.disable()
+  const loopDelayMaxMs = Math.round(loopDelay.max / 1e6)
+  log(`load done in ${durationMs} ms: ${sessionsStarted} sessions, ${turns} turns; event loop delay up to ${loopDelayMaxMs} ms`)
 
   // Everything abandoned must be reaped, without closing the app (close would hide a leak).
-  const reapBound = options.sessionTimeoutMs + 2 * options.cleanupIntervalMs + options.killGraceMs + 5000
+  // It takes about SESSION_TIMEOUT + CLEANUP_INTERVAL + KILL_GRACE; the deadline is 10x that, at least EVENT_TIMEOUT_MS.
+  const reapBound = Math.max(EVENT_TIMEOUT_MS, 10 * (options.sessionTimeoutMs + options.cleanupIntervalMs + options.killGraceMs))
   const empty = (): boolean => {
     const c = app.agentSessions.counts()
     return c.active === 0 && c.busy === 0 && c.starting === 0 && c.closing === 0
@@ -341,13 +358,13 @@ export async function runSoak (partial: Partial<SoakOptions> = {}): Promise<Soak
   const sessionsLeft = app.agentSessions.counts()
 
   const pids = readPids(stateDir)
-  await waitUntil(() => pids.every((pid) => !isProcessAlive(pid)), options.killGraceMs + 5000)
+  await waitUntil(() => pids.every((pid) => !isProcessAlive(pid)))
   const aliveAfter = pids.filter(isProcessAlive)
   if (aliveAfter.length > 0) failures.push(`${aliveAfter.length} agent processes still alive: ${aliveAfter.slice(0, 10).join(', ')}`)
 
   agent?.destroy()
-  // Sockets and pipes close asynchronously: give them a moment.
-  await waitUntil(() => openFds() <= fdsBefore + FD_SLACK, 5000)
+  // Sockets and pipes close asynchronously: wait for them.
+  await waitUntil(() => openFds() <= fdsBefore + FD_SLACK)
   const fdsAfter = openFds()
   if (fdsAfter > fdsBefore + FD_SLACK) failures.push(`open fds ${fdsBefore} -> ${fdsAfter} (slack ${FD_SLACK})`)
   const heapAfterMb = await heapAfterGcMb()
@@ -365,6 +382,7 @@ export async function runSoak (partial: Partial<SoakOptions> = {}): Promise<Soak
   return {
     options,
     durationMs,
+    loopDelayMaxMs,
     sessionsStarted,
     turns,
     answered,

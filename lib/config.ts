@@ -272,9 +272,10 @@ function settingOf (env: string): Setting {
   return (SETTINGS as readonly Setting[]).find((s) => s.env === env) as Setting
 }
 
-/** The one shape of a bad-setting message: it names the variable, the option and what it takes. */
+/** The one shape of a bad-setting message: it names the variable, the option (server-only settings have none) and what it takes. */
 function invalid (setting: Setting, expected: string, got: unknown): ConfigError {
-  return new ConfigError(`Invalid configuration: ${setting.env} (option ${setting.option}) must be ${expected}, got ${got === undefined ? 'undefined' : JSON.stringify(got)}`)
+  const name = setting.serverOnly === true ? setting.env : `${setting.env} (option ${setting.option})`
+  return new ConfigError(`Invalid configuration: ${name} must be ${expected}, got ${got === undefined ? 'undefined' : JSON.stringify(got)}`)
 }
 
 const HINT: Record<Kind, string> = {

@@ -139,14 +139,18 @@ async function httpPlugin (fastify: FastifyInstance, options: { bodyLimit: numbe
     })
   })
 
-  fastify.addHook('onRequest', async (request, reply) => {
+  // Both hooks run on every request: callback style, so neither allocates a
+  // promise nor waits a microtask turn (async hooks did both).
+  fastify.addHook('onRequest', (request, reply, done) => {
     void reply.header('X-Request-ID', request.id)
-    if (fastify.agentSessions.closed) throw shuttingDown()
+    if (fastify.agentSessions.closed) done(shuttingDown())
+    else done()
   })
 
-  fastify.addHook('onSend', async (_request, reply) => {
+  fastify.addHook('onSend', (_request, reply, payload, done) => {
     // Keep-alive connections would hold a closing server open for up to keepAliveTimeout.
     if (fastify.agentSessions.closed) void reply.header('Connection', 'close')
+    done(null, payload)
   })
 
   fastify.setErrorHandler((err, request, reply) => {

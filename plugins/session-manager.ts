@@ -24,6 +24,12 @@ export interface SessionManagerPluginOptions {
   agentEnv?: Record<string, string>
   /** A different agent driver (tests, benchmarks, an agent protocol of your own). */
   driver?: AgentDriver
+  /**
+   * Wraps the agent driver (the configured one, or `driver`). For tests: a
+   * test that makes one turn time out gives every other turn a timeout of its
+   * own, so the machine's speed cannot decide the rest.
+   */
+  wrapDriver?: (driver: AgentDriver) => AgentDriver
   /** Clock in epoch milliseconds; injectable for tests. */
   now?: () => number
 }
@@ -64,7 +70,8 @@ async function sessionManagerPlugin (fastify: FastifyInstance, options: SessionM
   const config = fastify.agentSessionsConfig
   const log = fastify.log.child({ component: 'agent-sessions' })
   const state = fastify.agentSessionsState
-  const driver = options.driver ?? driverFor(config, options.agentEnv, log, state.recorder)
+  const configured = options.driver ?? driverFor(config, options.agentEnv, log, state.recorder)
+  const driver = options.wrapDriver?.(configured) ?? configured
   if (driver.keepsProcesses && config.agentIdleTimeoutMs > 0) {
     // Said once: an agent that cannot load a session keeps every idle agent alive until its session ends.
     fastify.addHook('onReady', async () => {

@@ -87,11 +87,13 @@ const sessionRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     }
   }, async (request) => {
     const session = manager.touch(request.query.session_id)
+    // The hot path of the API (every client, every 30 s): one object, no spread of a helper's.
     return {
       message: 'Heartbeat received',
       session_id: session.id,
       last_activity: new Date(session.lastActivity).toISOString(),
-      ...expiry(session)
+      idle_timeout_seconds: session.idleTimeoutMs / 1000,
+      expires_at: new Date(session.expiresAt).toISOString()
     }
   })
 

@@ -7,19 +7,16 @@ import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import type { FastifyInstance } from 'fastify'
-import { ask, build, sandbox, startSession, waitFor, waitForGone, type BuildOptions, type Sandbox } from './helpers/index.js'
+import { AGENT_CALL_TIMEOUT_MS, ask, build, sandbox, startSession, waitFor, waitForGone, type BuildOptions, type Sandbox } from './helpers/index.js'
 import { isProcessAlive } from '../lib/processes/terminate.js'
 
 const ACP_SIMULATOR = fileURLToPath(new URL('./fixtures/fake-acp-agent.mjs', import.meta.url))
-// Generous against this machine's speed: an operation that takes ~1 s gets 10x.
-const GONE_MS = 15_000
 
 async function acpApp (t: Test, box: Sandbox, options: BuildOptions & { faults?: string } = {}): Promise<FastifyInstance> {
   const { faults = '', ...rest } = options
   return await build(t, box, {
     agentProtocol: 'acp',
     agentCommand: [process.execPath, ACP_SIMULATOR],
-    askTimeout: '60s',
     // No hibernation here, so no start-up probe of the agent: the agents these tests count are the sessions' own.
     agentIdleTimeout: 0,
     ...rest,
@@ -43,7 +40,7 @@ async function cancel (app: FastifyInstance, id: string): Promise<{ cancelled: b
 
 /** Resolves once the simulator logged this call (e.g. the turn reached the agent). */
 async function callSeen (box: Sandbox, pattern: RegExp, what: string): Promise<void> {
-  await waitFor(() => calls(box).some((line) => pattern.test(line)), GONE_MS, what)
+  await waitFor(() => calls(box).some((line) => pattern.test(line)), what)
 }
 
 /** The agent processes running now (the start-up probe's has come and gone). */
@@ -71,7 +68,7 @@ t.test('one live agent per session: start, two turns with context, health, end l
 
   const end = await app.inject({ method: 'POST', url: `/api/session/end?session_id=${id}` })
   t.equal(end.statusCode, 200)
-  t.same(await waitForGone([agentPid], GONE_MS), [], 'the agent is gone after the end')
+  t.same(await waitForGone([agentPid]), [], 'the agent is gone after the end')
   t.ok(calls(box).some((line) => line.includes('session/close')), 'a real end closes the agent session politely first')
 })
 
@@ -90,7 +87,7 @@ t.test('a start that fails leaves nothing running and says why', async (t) => {
     t.equal(res.json().error, c.code, c.name)
     t.match(res.json().details, c.details, c.name)
     t.same(app.agentSessions.counts(), { active: 0, busy: 0, starting: 0, closing: 0 }, `${c.name}: no session`)
-    t.same(await waitForGone(box.pids().map((p) => p.pid), GONE_MS), [], `${c.name}: nothing left running`)
+    t.same(await waitForGone(box.pids().map((p) => p.pid)), [], `${c.name}: nothing left running`)
   }
 })
 
@@ -104,7 +101,8 @@ t.test('AGENT_AUTH_METHOD authenticates an agent that requires it', async (t) =>
 
 t.test('cancel: the ask answers cancelled with what arrived, and the session stays usable', async (t) => {
   const box = sandbox(t)
-  const app = await acpApp(t, box)
+  // KILL_GRACE is how long a cancel may take before the agent is torn down: not under test here.
+  const app = await acpApp(t, box, { killGrace: '30s' })
   const id = await startSession(app)
   t.same(await cancel(app, id), { session_id: id, cancelled: false }, 'nothing to cancel between turns')
 
@@ -134,7 +132,8 @@ t.test('a cancel mid-stream answers with the text that arrived before it', async
     }
     app.agentSessions.on('turn-event', listener)
   })
-  const pending = ask(app, id, 'slowly [[fault:slow=400]]')
+  // 1 s before every update: the cancel has 3 s (three more chunks) to arrive, however busy the machine.
+  const pending = ask(app, id, 'slowly [[fault:slow=1000]]')
   const chunk = await firstChunk
   await cancel(app, id)
   const res = await pending
@@ -150,12 +149,12 @@ t.test('an agent that ignores the cancel is torn down after KILL_GRACE; the next
   const id = await startSession(app)
   t.equal((await ask(app, id, 'remember me')).statusCode, 200)
   const pending = ask(app, id, 'stuck [[fault:hang-on-prompt]] [[fault:ignore-cancel]] [[fault:ignore-sigterm]] [[fault:grandchild]]')
-  await waitFor(() => box.pids().some((p) => p.role === 'grandchild'), GONE_MS, 'the grandchild started')
+  await waitFor(() => box.pids().some((p) => p.role === 'grandchild'), 'the grandchild started')
   await cancel(app, id)
   const res = await pending
   t.equal(res.statusCode, 200, res.body)
   t.equal(res.json().stop_reason, 'cancelled')
-  t.same(await waitForGone(box.pids().map((p) => p.pid), GONE_MS), [], 'the agent, its grandchild included, is gone')
+  t.same(await waitForGone(box.pids().map((p) => p.pid)), [], 'the agent, its grandchild included, is gone')
 
   const next = await ask(app, id, 'are you back?')
   t.equal(next.statusCode, 200, next.body)
@@ -196,7 +195,7 @@ t.test('an agent that dies mid-turn answers at once with AGENT_EXITED; the next 
   const res = await ask(app, id, 'boom [[fault:crash-mid-turn]]')
   t.equal(res.statusCode, 502, res.body)
   t.equal(res.json().error, 'AGENT_EXITED')
-  t.ok(performance.now() - started < GONE_MS, 'answered, not hung')
+  t.ok(performance.now() - started < AGENT_CALL_TIMEOUT_MS / 2, 'answered, not hung until ASK_TIMEOUT')
   const next = await ask(app, id, 'again')
   t.equal(next.statusCode, 200, next.body)
   t.match(next.json().answer, /previous question "first"/, 'context kept through session/load')
@@ -236,7 +235,7 @@ t.test('a prompt that never returns is cancelled at ASK_TIMEOUT (504), then torn
   const res = await ask(app, id, 'never [[fault:hang-on-prompt]] [[fault:ignore-cancel]] [[fault:ignore-sigterm]]')
   t.equal(res.statusCode, 504, res.body)
   t.equal(res.json().error, 'REQUEST_TIMEOUT')
-  t.same(await waitForGone(box.pids().map((p) => p.pid), GONE_MS), [], 'the stuck agent is gone')
+  t.same(await waitForGone(box.pids().map((p) => p.pid)), [], 'the stuck agent is gone')
 })
 
 t.test('bad output never crashes or blocks the service', async (t) => {
@@ -253,18 +252,20 @@ t.test('bad output never crashes or blocks the service', async (t) => {
 
 t.test('end, reap and shutdown of agents that ignore SIGTERM and spawn grandchildren leave nothing', async (t) => {
   const box = sandbox(t)
-  const app = await acpApp(t, box, { faults: 'ignore-sigterm,grandchild', killGrace: '500ms', sessionTimeout: '1s', cleanupInterval: '100ms' })
+  // Only the session that must be reaped has a short idle timeout: the others start one by one, seconds apart on a busy machine.
+  const app = await acpApp(t, box, { faults: 'ignore-sigterm,grandchild', killGrace: '500ms', cleanupInterval: '100ms' })
   const ended = await startSession(app)
   const reaped = await startSession(app)
-  await app.inject({ method: 'POST', url: `/api/session/end?session_id=${ended}` })
-  await waitFor(() => app.agentSessions.endedReason(reaped) === 'expired', GONE_MS, 'the idle session was reaped')
+  t.equal((await app.inject({ method: 'POST', url: `/api/session/end?session_id=${ended}` })).statusCode, 200, 'ended by the client')
+  await waitFor(() => app.agentSessions.endedReason(reaped) === 'expired', 'the idle session was reaped')
   await startSession(app)
   await startSession(app)
   const closing = performance.now()
   await app.close()
   const closeMs = performance.now() - closing
-  t.ok(closeMs < GONE_MS, `closing 2 stuck sessions took ${Math.round(closeMs)} ms (KILL_GRACE 500 ms)`)
+  // About KILL_GRACE; the bound only separates it from a close that waits for something else.
+  t.ok(closeMs < 30 * 500, `closing 2 stuck sessions took ${Math.round(closeMs)} ms (KILL_GRACE 500 ms)`)
   const pids = box.pids().map((p) => p.pid)
   t.ok(pids.length >= 8, `${pids.length} agent processes and grandchildren recorded`)
-  t.same(await waitForGone(pids, GONE_MS), [], 'every one of them is gone')
+  t.same(await waitForGone(pids), [], 'every one of them is gone')
 })

@@ -19,7 +19,7 @@ t.test('as root: an AGENT_USER agent that ignores SIGTERM is still torn down, wi
   t.equal(start.statusCode, 200, start.body)
   const id = start.json().session_id as string
   const pending = app.inject({ method: 'POST', url: `/api/ask?session_id=${id}`, payload: { question: 'stuck [[fault:stall]] [[fault:ignore-sigterm]] [[fault:grandchild]]' } })
-  await waitFor(() => box.pids().some((p) => p.role === 'grandchild'), 30_000, 'the stuck turn and its grandchild')
+  await waitFor(() => box.pids().some((p) => p.role === 'grandchild'), 'the stuck turn and its grandchild', 30_000)
   const turn = box.pids().filter((p) => p.role === 'main' || p.role === 'grandchild').slice(-2)
   for (const { pid, role } of turn) t.equal(uidOf(pid), NOBODY!.uid, `the ${role} runs as nobody`)
   const ended = new Promise<{ stage: string }>((resolve) => app.agentSessions.once('session-ended', resolve))
@@ -38,9 +38,9 @@ t.test('as root: a second signal kills AGENT_USER agents at once', { skip: needs
   const start = await fetch(`${server.url}/api/session/start`, { method: 'POST' })
   const id = ((await start.json()) as { session_id: string }).session_id
   void fetch(`${server.url}/api/ask?session_id=${id}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ question: 'stuck [[fault:stall]] [[fault:ignore-sigterm]] [[fault:grandchild]]' }) }).catch(() => {})
-  await waitFor(() => box.pids().some((p) => p.role === 'grandchild'), 30_000, 'a stuck turn')
+  await waitFor(() => box.pids().some((p) => p.role === 'grandchild'), 'a stuck turn', 30_000)
   server.proc.kill('SIGTERM')
-  await waitFor(() => /"msg":"closing"/.test(server.output()), 30_000, 'the first signal to be handled')
+  await waitFor(() => /"msg":"closing"/.test(server.output()), 'the first signal to be handled', 30_000)
   server.proc.kill('SIGINT')
   t.same(await server.exited, { code: 1, signal: null }, 'the forced exit')
   t.match(server.output(), /second signal: agent processes killed/)
@@ -51,7 +51,7 @@ t.test('as root: from a process that may not signal another user\'s group, the g
   // A group of the agent user's, and a process of a third uid without capabilities looking at it.
   const group = spawn('sleep', ['600'], { uid: NOBODY!.uid, gid: NOBODY!.gid, detached: true, stdio: 'ignore' })
   t.after(() => { try { process.kill(-group.pid!, 'SIGKILL') } catch {} })
-  await waitFor(() => isProcessAlive(group.pid!), 10_000, 'the group')
+  await waitFor(() => isProcessAlive(group.pid!), 'the group', 10_000)
   const script = `
     const m = await import(${JSON.stringify(join(ROOT, 'lib', 'processes', 'terminate.ts'))})
     const out = { alive: m.isGroupAlive(${group.pid}), exists: m.signalGroup(${group.pid}, 0), gone: m.isGroupAlive(2147483646) }

@@ -8,8 +8,13 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { ROOT } from './helpers/index.js'
+import { BENCHMARKS, QUICK_BENCH_TIMEOUT_MS } from '../bench/lib.js'
 
-const BENCHMARKS = ['heartbeat', 'ask', 'teardown', 'reaper', 'memory', 'precision']
+// bench/run.ts gives up on a benchmark after QUICK_BENCH_TIMEOUT_MS and reports
+// it: past all of them (and a margin for run.ts itself) it hangs. Quick mode
+// takes about 25 s on a quiet machine and minutes on a loaded one.
+const RUN_BOUND_MS = BENCHMARKS.length * QUICK_BENCH_TIMEOUT_MS + 120_000
+t.setTimeout(RUN_BOUND_MS + 60_000)
 
 // The benchmark processes must not inherit tap's loader hooks.
 function cleanEnv (extra: Record<string, string>): NodeJS.ProcessEnv {
@@ -19,6 +24,9 @@ function cleanEnv (extra: Record<string, string>): NodeJS.ProcessEnv {
   }
   return { ...env, ...extra }
 }
+
+// Longer than the runner's default for a test file: the killer below decides.
+t.setTimeout(450_000)
 
 t.test('npm run bench -- --quick runs every benchmark and writes its figures', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'bench-smoke-'))
@@ -33,10 +41,10 @@ t.test('npm run bench -- --quick runs every benchmark and writes its figures', a
   let output = ''
   proc.stdout.setEncoding('utf8').on('data', (chunk: string) => { output += chunk })
   proc.stderr.setEncoding('utf8').on('data', (chunk: string) => { output += chunk })
-  // A generous limit: quick mode takes ~25 s alone, more on a busy machine.
-  const killer = setTimeout(() => proc.kill('SIGTERM'), 100_000)
+  const killer = setTimeout(() => proc.kill('SIGTERM'), RUN_BOUND_MS)
   const code = await new Promise<number | null>((resolve) => proc.once('close', (c) => resolve(c)))
   clearTimeout(killer)
+  for (const line of output.split('\n').filter((l) => l.startsWith('bench: '))) t.comment(line)
   t.equal(code, 0, 'bench exits 0 (no benchmark failed, no process left)', { output })
 
   const results = JSON.parse(readFileSync(resultsFile, 'utf8'))

@@ -74,6 +74,21 @@ t.test('a bad value stops start-up with a message naming the variable and the op
   }
 })
 
+t.test('a bad server-only setting names the variable alone: it has no option', async (t) => {
+  const saved = { ...process.env }
+  t.teardown(() => { process.env = saved })
+  const cases: Array<[Record<string, string>, RegExp]> = [
+    [{ PORT: 'http' }, /^Invalid configuration: PORT must be a whole number, got "http"$/],
+    [{ PORT: '70000' }, /^Invalid configuration: PORT must be between 0 and 65535, got "70000"$/],
+    [{ LOG_LEVEL: 'loud' }, /^Invalid configuration: LOG_LEVEL must be one of fatal, error, warn, info, debug, trace, silent, got "loud"$/],
+    [{ ALLOW_UNAUTHENTICATED_NON_LOOPBACK: 'yes' }, /^Invalid configuration: ALLOW_UNAUTHENTICATED_NON_LOOPBACK must be one of i-understand, got "yes"$/]
+  ]
+  for (const [env, message] of cases) {
+    process.env = { ...saved, ...env }
+    await t.rejects(configOf({}), { message }, JSON.stringify(env))
+  }
+})
+
 t.test('a relative CURSOR_AGENT_BIN is relative to the server, not to WORKSPACE_DIR', async (t) => {
   const { tmpdir } = await import('node:os')
   const { relative } = await import('node:path')

@@ -6,7 +6,7 @@ import Fastify, { type FastifyInstance } from 'fastify'
 import fastifyEnv from '@fastify/env'
 import fp from 'fastify-plugin'
 import agentSessions, { type AgentSessionsDecorators, type AgentSessionsOptions } from '../app.js'
-import { ROOT, SIMULATOR, sandbox, sleep, waitForGone } from './helpers/index.js'
+import { ROOT, SIMULATOR, sandbox, sleep, waitFor, waitForGone } from './helpers/index.js'
 
 // What the host's own @fastify/env decorates (its default confKey). Not a
 // global `declare module` here: it would apply to every test file.
@@ -125,8 +125,7 @@ t.test('a host with its own config and @fastify/env uses the whole API under a p
   // The reaper runs: a session with a short idle timeout is reaped by itself.
   // (Over HTTP idle_timeout is at least 10 s; the manager itself takes any.)
   const shortId = (await app.agentSessions.create({ idleTimeoutMs: 200 })).id
-  const deadline = Date.now() + 10_000
-  while (app.agentSessions.endedReason(shortId) === undefined && Date.now() < deadline) await sleep(25)
+  await waitFor(() => app.agentSessions.endedReason(shortId), 'the short session to be reaped')
   const reaped = await host.inject({ method: 'POST', url: `/agent/api/heartbeat?session_id=${shortId}` })
   t.equal(reaped.statusCode, 404)
   t.equal(reaped.json().reason, 'expired', 'reaped by the sweep, not by a request')
@@ -140,7 +139,7 @@ t.test('a host with its own config and @fastify/env uses the whole API under a p
   for (const left of ids) t.equal(app.agentSessions.endedReason(left), 'shutdown')
   await sleep(300)
   t.equal(app.agentSessionsReaper.stats().sweeps, stopped.sweeps, 'no sweep after close')
-  t.same(await waitForGone(box.pids().map((p) => p.pid), 5000), [], 'no agent process left')
+  t.same(await waitForGone(box.pids().map((p) => p.pid)), [], 'no agent process left')
 })
 
 t.test('to use the decorators, register it without encapsulation in a prefixed scope of your own', async (t) => {

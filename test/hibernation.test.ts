@@ -39,7 +39,7 @@ function mainPids (box: Sandbox): number[] {
 
 /** The one live agent, once the start-up probe has gone. */
 async function onlyAgent (box: Sandbox): Promise<number> {
-  return await waitFor(() => { const live = mainPids(box); return live.length === 1 ? live[0] : undefined }, GENEROUS_MS, 'one live agent')
+  return await waitFor(() => { const live = mainPids(box); return live.length === 1 ? live[0] : undefined }, 'one live agent', GENEROUS_MS)
 }
 
 function hibernated (app: FastifyInstance, sessionId?: string): Promise<{ sessionId: string, why: string }> {
@@ -94,7 +94,7 @@ t.test('a hibernated session still expires after SESSION_TIMEOUT', async (t) => 
   const app = await acpApp(t, box, { agentIdleTimeout: '200ms', sessionTimeout: '1500ms', cleanupInterval: '100ms' })
   const id = await startSession(app)
   await hibernated(app, id)
-  await waitFor(() => app.agentSessions.endedReason(id) === 'expired', GENEROUS_MS, 'the expiry')
+  await waitFor(() => app.agentSessions.endedReason(id) === 'expired', 'the expiry', GENEROUS_MS)
   const res = await ask(app, id, 'still there?')
   t.equal(res.statusCode, 404)
   t.equal(res.json().reason, 'expired')
@@ -106,7 +106,7 @@ t.test('an agent without loadSession is never hibernated', async (t) => {
   const id = await startSession(app)
   const agent = await onlyAgent(box)
   const sweeps = app.agentSessionsReaper.stats().sweeps
-  await waitFor(() => app.agentSessionsReaper.stats().sweeps >= sweeps + 5, GENEROUS_MS, 'five sweeps past the idle timeout')
+  await waitFor(() => app.agentSessionsReaper.stats().sweeps >= sweeps + 5, 'five sweeps past the idle timeout', GENEROUS_MS)
   t.equal(app.agentSessions.get(id).state, 'idle', 'still live')
   t.ok(isProcessAlive(agent), 'its agent keeps running')
 })
@@ -122,7 +122,7 @@ t.test('a resume that fails answers RESUME_FAILED and ends the session: never a 
   const res = await ask(app, id, 'are you there?')
   t.equal(res.statusCode, 502, res.body)
   t.equal(res.json().error, 'RESUME_FAILED')
-  await waitFor(() => app.agentSessions.endedReason(id), GENEROUS_MS, 'the end')
+  await waitFor(() => app.agentSessions.endedReason(id), 'the end', GENEROUS_MS)
   const after = await ask(app, id, 'and now?')
   t.equal(after.statusCode, 404)
   t.equal(after.json().reason, 'resume_failed')
@@ -147,7 +147,7 @@ t.test('MAX_LIVE_AGENTS: the least recently used idle agent makes room; all busy
     ask(app, second, 'busy [[fault:hang-on-prompt]]'),
     ask(app, third, 'busy [[fault:hang-on-prompt]]')
   ]
-  await waitFor(() => app.agentSessions.counts().busy === 2, GENEROUS_MS, 'two busy sessions')
+  await waitFor(() => app.agentSessions.counts().busy === 2, 'two busy sessions', GENEROUS_MS)
   const refused = await app.inject({ method: 'POST', url: '/api/session/start' })
   t.equal(refused.statusCode, 503, refused.body)
   t.equal(refused.json().error, 'LIVE_AGENT_LIMIT_REACHED')

@@ -7,7 +7,7 @@ import type { LightMyRequestResponse } from 'fastify'
 import Fastify, { type FastifyInstance } from 'fastify'
 import { trustProxyOption } from '../plugins/http.js'
 import { FakeDriver } from './helpers/fake-driver.js'
-import { ask, build, liftDecorators, ROOT, sandbox, sleep, startSession } from './helpers/index.js'
+import { ask, build, liftDecorators, ROOT, sandbox, sleep, startSession, waitFor } from './helpers/index.js'
 
 /** open() answers only when the test opens the gate: starts stay "in progress" until then. */
 function gatedDriver (): { driver: FakeDriver, open: () => void } {
@@ -33,7 +33,7 @@ t.test('MAX_SESSIONS counts starts still in progress: a burst cannot overshoot i
   const first = start()
   const second = start()
   // Both are waiting on create-chat: no session exists yet, but two are starting.
-  for (let i = 0; i < 200 && app.agentSessions.counts().starting < 2; i++) await sleep(10)
+  await waitFor(() => app.agentSessions.counts().starting === 2, 'two starts in progress')
   t.same(app.agentSessions.counts(), { active: 0, busy: 0, starting: 2, closing: 0 }, 'two starts in progress, no session yet')
 
   const third = await start()
@@ -125,11 +125,13 @@ t.test('session starts are rate limited per client: 429 RATE_LIMITED with Retry-
 
 t.test('the start budget comes back after START_RATE_WINDOW', async (t) => {
   const box = sandbox(t)
-  const app = await build(t, box, { startRateLimit: 1, startRateWindow: '1500ms' })
+  // No agent process: the two starts are milliseconds apart, well inside the window, however busy the machine.
+  const app = await build(t, box, { driver: new FakeDriver(), startRateLimit: 1, startRateWindow: '1500ms' })
   await startSession(app)
   const limited = await app.inject({ method: 'POST', url: '/api/session/start' })
   t.equal(limited.statusCode, 429)
   t.ok(Number(limited.headers['retry-after']) <= 2, `Retry-After ${limited.headers['retry-after']}`)
+  // Past the window (the limiter compares timestamps): lateness only makes it longer.
   await sleep(2500)
   const again = await app.inject({ method: 'POST', url: '/api/session/start' })
   t.equal(again.statusCode, 200, `after the window: ${again.body}`)

@@ -3,7 +3,8 @@
 
 import t, { type Test } from 'tap'
 import { Writable } from 'node:stream'
-import { agentWrapper, build, sandbox, SIMULATOR } from './helpers/index.js'
+import { FakeDriver } from './helpers/fake-driver.js'
+import { agentWrapper, build, sandbox, SIMULATOR, waitFor } from './helpers/index.js'
 
 interface Captured { lines: string[], records: Array<Record<string, unknown>> }
 
@@ -115,4 +116,31 @@ exit 3`)
   t.equal(usage.json().details, 'The Cursor account has hit its usage limit')
   const usageLog = captured.records.find((r) => r.msg === 'request rejected' && r.code === 'AGENT_USAGE_LIMIT')
   t.match((usageLog?.diagnostics as Record<string, unknown>)?.agentMessage, /Upgrade to Pro/, 'a 4xx logs the agent\'s words too')
+})
+
+t.test('"question received" is logged once per question a session took, never for refused ones', async (t) => {
+  const { stream, captured } = capture()
+  const driver = new FakeDriver()
+  const app = await build(t, sandbox(t), { driver, logger: { level: 'info', stream } })
+  const received = (): Array<Record<string, unknown>> => captured.records.filter((r) => r.msg === 'question received')
+  const askOn = (id: string, question: string) => app.inject({ method: 'POST', url: `/api/ask?session_id=${id}`, payload: { question } })
+  const id = (await app.inject({ method: 'POST', url: '/api/session/start' })).json().session_id as string
+
+  t.equal((await askOn('6b1c1a7e-0000-4000-8000-000000000000', 'anyone there?')).statusCode, 404)
+  t.same(received(), [], 'not for an unknown session')
+
+  const first = askOn(id, 'the first question')
+  await waitFor(() => driver.turns.length === 1, 'the first turn')
+  t.equal(received().length, 1, 'logged once the session took it')
+  for (let i = 0; i < 3; i++) t.equal((await askOn(id, 'me too')).statusCode, 409)
+  t.equal(received().length, 1, 'not for questions refused as busy')
+  driver.turns[0].answer('one')
+  driver.turns[0].finish()
+  t.equal((await first).statusCode, 200)
+
+  await app.inject({ method: 'POST', url: `/api/session/end?session_id=${id}` })
+  t.equal((await askOn(id, 'still there?')).statusCode, 404)
+  t.equal(received().length, 1, 'not for an ended session')
+  t.match(received()[0], { level: 30, sessionId: id, questionBytes: Buffer.byteLength('the first question') })
+  t.notOk(JSON.stringify(received()[0]).includes('the first question'), 'the text stays out of info logs')
 })

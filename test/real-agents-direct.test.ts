@@ -15,8 +15,7 @@ import { answerFor, lastUserTextGemini, lastUserTextOpenAI, startMockModel, type
 import { agentEnv, realAgents, realAgentsInstalled, untilSessionLoadable, type RealAgentName } from './helpers/real-agents.js'
 
 // gemini takes 2-4 s to start on an idle machine and several times that on a busy
-// one; each test starts it twice. tap's default per-file timeout is too short.
-t.setTimeout(600_000)
+// one; each test starts it twice (the per-file timeout in package.json allows for it).
 
 const installed = realAgentsInstalled()
 

@@ -7,7 +7,7 @@ import { Sweeper } from '../lib/sessions/sweeper.js'
 import { AgentSessionError } from '../lib/errors.js'
 import type { Logger } from '../lib/logger.js'
 import { FakeDriver } from './helpers/fake-driver.js'
-import { waitFor } from './helpers/index.js'
+import { sleep, waitFor } from './helpers/index.js'
 
 const MINUTE = 60_000
 
@@ -247,10 +247,11 @@ t.test('sweeper', async (t) => {
       }
     })
     sweeper.start()
-    await new Promise((resolve) => setTimeout(resolve, 400))
+    // Counted, not timed: however late the timers fire, four sweeps must come, the failed second one included.
+    await waitFor(() => calls >= 4 && running === 0, 'four sweeps')
     await sweeper.stop()
     const after = calls
-    await new Promise((resolve) => setTimeout(resolve, 100))
+    await sleep(100)
     t.equal(maxRunning, 1, 'never two sweeps at once')
     t.ok(calls >= 4, `kept sweeping after a failure (${calls} sweeps)`)
     t.equal(calls, after, 'no sweep after stop()')
@@ -260,27 +261,36 @@ t.test('sweeper', async (t) => {
   })
 
   t.test('stop() waits for the sweep in progress', async (t) => {
+    let started = false
     let finished = false
+    let release!: () => void
+    const gate = new Promise<void>((resolve) => { release = resolve })
     const sweeper = new Sweeper({
       intervalMs: 5,
       sweep: async () => {
-        await new Promise((resolve) => setTimeout(resolve, 100))
+        started = true
+        await gate
         finished = true
         return { checked: 0, reaped: [], failed: 0, durationMs: 100 }
       }
     })
     sweeper.start()
-    await new Promise((resolve) => setTimeout(resolve, 30))
-    await sweeper.stop()
-    t.ok(finished)
+    await waitFor(() => started, 'a sweep to start')
+    let stopped = false
+    const stopping = sweeper.stop().then(() => { stopped = true })
+    await sleep(50)
+    t.notOk(stopped, 'stop() is still waiting while the sweep runs')
+    release()
+    await stopping
+    t.ok(finished, 'stop() returned after the sweep')
   })
 })
 
-t.test('each session keeps a bounded conversation log of its answered turns', async (t) => {
+t.test('each session keeps a bounded log of its turns, answered or failed', async (t) => {
   const clock = { now: 1_000 }
   const driver = new FakeDriver()
   const manager = new SessionManager({
-    driver, maxSessions: 10, sessionTimeoutMs: MINUTE, maxSessionTimeoutMs: MINUTE, askTimeoutMs: MINUTE, maxHistory: 4, now: () => clock.now
+    driver, maxSessions: 10, sessionTimeoutMs: MINUTE, maxSessionTimeoutMs: MINUTE, askTimeoutMs: MINUTE, maxHistory: 3, now: () => clock.now
   })
   const s = await manager.create()
   t.same(manager.history(s.id), [])
@@ -288,24 +298,23 @@ t.test('each session keeps a bounded conversation log of its answered turns', as
     const asking = manager.ask(s.id, `q${n}`)
     clock.now += 10
     // The turn starts once the previous one has settled (a microtask later).
-    await waitFor(() => driver.turns.length === n, 1000, `turn ${n}`)
+    await waitFor(() => driver.turns.length === n, `turn ${n}`)
     driver.turns[n - 1].answer(`a${n}`)
     driver.turns[n - 1].finish()
     await asking
   }
-  t.same(manager.history(s.id), [
-    { role: 'user', content: 'q2', timestamp: 1_020 },
-    { role: 'assistant', content: 'a2', timestamp: 1_020 },
-    { role: 'user', content: 'q3', timestamp: 1_030 },
-    { role: 'assistant', content: 'a3', timestamp: 1_030 }
-  ], 'oldest entries dropped past maxHistory')
   const failing = manager.ask(s.id, 'q4')
-  await waitFor(() => driver.turns.length === 4, 1000, 'turn 4')
+  clock.now += 10
+  await waitFor(() => driver.turns.length === 4, 'turn 4')
   driver.turns[3].fail(new AgentSessionError('PROCESS_COMMUNICATION_FAILED', 'boom'))
   driver.turns[3].finish()
   await t.rejects(failing)
-  t.equal(manager.history(s.id).length, 4, 'a failed turn is not logged')
+  t.same(manager.history(s.id), [
+    { question: 'q2', answer: 'a2', stopReason: 'end_turn', error: null, startedAt: 1_010, endedAt: 1_020 },
+    { question: 'q3', answer: 'a3', stopReason: 'end_turn', error: null, startedAt: 1_020, endedAt: 1_030 },
+    { question: 'q4', answer: '', stopReason: null, error: 'PROCESS_COMMUNICATION_FAILED', startedAt: 1_030, endedAt: 1_040 }
+  ], 'a failed turn is logged with its code; the oldest turns go past maxHistory')
   const copy = manager.history(s.id)
   copy.length = 0
-  t.equal(manager.history(s.id).length, 4, 'callers get a copy')
+  t.equal(manager.history(s.id).length, 3, 'callers get a copy')
 })

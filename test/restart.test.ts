@@ -57,7 +57,7 @@ t.test('SIGTERM with a store hibernates every session; the next start brings eve
   }
   const events = await fetch(`${first.url}/api/session/events?session_id=${ids[0]}`)
   const stuck = post(`${first.url}/api/ask?session_id=${ids[1]}`, { question: 'stuck [[fault:hang-on-prompt]]' })
-  await waitFor(() => calls(box).filter((l) => l.includes('session/prompt')).length === 3, GENEROUS_MS, 'the stuck turn reached its agent')
+  await waitFor(() => calls(box).filter((l) => l.includes('session/prompt')).length === 3, 'the stuck turn reached its agent', GENEROUS_MS)
   const oldAgents = box.pids().map((p) => p.pid)
 
   first.proc.kill('SIGTERM')
@@ -100,7 +100,7 @@ t.test('SIGKILL leaves agents running; the next start tears them down before it 
     ids.push(id)
   }
   // One grandchild per live agent (the start-up probe's is gone already).
-  await waitFor(() => box.pids().filter((p) => p.role === 'grandchild' && isProcessAlive(p.pid)).length === 2, GENEROUS_MS, 'two live grandchildren')
+  await waitFor(() => box.pids().filter((p) => p.role === 'grandchild' && isProcessAlive(p.pid)).length === 2, 'two live grandchildren', GENEROUS_MS)
   first.proc.kill('SIGKILL')
   await first.exited
   const orphans = box.pids().map((p) => p.pid).filter(isProcessAlive)
@@ -116,7 +116,7 @@ t.test('SIGKILL leaves agents running; the next start tears them down before it 
 
   const startedAt = Date.now()
   const second = spawnServer(t, { ...env, KILL_GRACE: '1s' })
-  await waitFor(() => second.logs.find((l) => typeof l.msg === 'string' && l.msg.startsWith('Server listening')), GENEROUS_MS, 'the restart to listen')
+  await waitFor(() => second.logs.find((l) => typeof l.msg === 'string' && l.msg.startsWith('Server listening')), 'the restart to listen', GENEROUS_MS)
   const listenedAt = Date.now()
   const alive = orphans.filter(isProcessAlive)
   t.same(alive, [], `every agent of the old run was gone before the server served (${listenedAt - startedAt} ms after its start, KILL_GRACE 1 s)`)

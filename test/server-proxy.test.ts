@@ -37,7 +37,7 @@ async function startServer (t: Test, env: Record<string, string>): Promise<Serve
   const logs: string[] = []
   proc.stdout!.on('data', (chunk: Buffer) => { logs.push(...String(chunk).split('\n').filter(Boolean)) })
   proc.stderr!.on('data', (chunk: Buffer) => { logs.push(String(chunk)) })
-  const url = await waitFor(() => logs.map((l) => /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(l)?.[1]).find(Boolean), 60_000, 'the server to listen')
+  const url = await waitFor(() => logs.map((l) => /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(l)?.[1]).find(Boolean), 'the server to listen', 60_000)
   return { proc, url, port: Number(new URL(url).port), logs }
 }
 

@@ -47,8 +47,8 @@ function runServer (stateDir: string, env: Record<string, string>): Promise<Run>
     }
     proc.stdout.on('data', onData)
     proc.stderr.on('data', onData)
-    // Generous: a loaded machine may take a while to start Node.
-    const guard = setTimeout(() => proc.kill('SIGKILL'), 30_000)
+    // Only turns a hang into a failure: a loaded machine can take 5 s and more to start Node.
+    const guard = setTimeout(() => proc.kill('SIGKILL'), 120_000)
     proc.once('close', (code, signal) => {
       clearTimeout(guard)
       resolve({ code, signal, output, listening })

@@ -43,7 +43,7 @@ async function serverPipedToHead (t: Test, env: Record<string, string>): Promise
   const shellExited = new Promise<number | null>((resolve) => shell.once('exit', resolve))
   let out = ''
   shell.stdout!.on('data', (chunk: Buffer) => { out += String(chunk) })
-  const lines = await waitFor(() => { const l = out.split('\n').filter(Boolean); return l.length >= 2 ? l : undefined }, 60_000, 'two log lines through head')
+  const lines = await waitFor(() => { const l = out.split('\n').filter(Boolean); return l.length >= 2 ? l : undefined }, 'two log lines through head', 60_000)
   const pid = Number(/"pid":(\d+)/.exec(lines[0])?.[1])
   t.after(() => { try { process.kill(pid, 'SIGKILL') } catch {} })
   const url = /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(lines.join('\n'))?.[1]
@@ -85,7 +85,7 @@ t.test('stdout\'s reader gone: a second signal always ends the server at once, a
   const stuck = fetch(`${url}/api/ask?session_id=${id}`, {
     method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ question: 'stuck [[fault:stall]] [[fault:ignore-sigterm]] [[fault:grandchild]]' })
   })
-  await waitFor(() => box.pids().some((p) => p.role === 'grandchild'), 30_000, 'a stuck turn')
+  await waitFor(() => box.pids().some((p) => p.role === 'grandchild'), 'a stuck turn', 30_000)
   process.kill(pid, 'SIGTERM')
   // The first signal was handled once the in-flight ask is answered (the close then waits out KILL_GRACE, 60 s).
   t.equal((await stuck).status, 503, 'the first signal answered the stuck ask')

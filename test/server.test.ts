@@ -57,7 +57,7 @@ async function startServer (t: { after: (fn: () => unknown) => void }, box: Sand
   const exited = new Promise<{ code: number | null, signal: NodeJS.Signals | null, at: number }>((resolve) => {
     proc.once('exit', (code, signal) => resolve({ code, signal, at: Date.now() }))
   })
-  const listening = await waitFor(() => logs.find((l) => typeof l.msg === 'string' && l.msg.startsWith('Server listening at http://127.0.0.1')), 15_000, 'the server to listen')
+  const listening = await waitFor(() => logs.find((l) => typeof l.msg === 'string' && l.msg.startsWith('Server listening at http://127.0.0.1')), 'the server to listen')
   const url = /http:\/\/127\.0\.0\.1:\d+/.exec(listening.msg as string)![0]
   return { proc, url, logs, exited }
 }
@@ -81,7 +81,7 @@ t.test('SIGTERM with stuck turns in flight: asks get 503, exit 0 within KILL_GRA
   const ids: string[] = []
   for (let i = 0; i < 3; i++) ids.push((await post(`${server.url}/api/session/start`)).json.session_id)
   const asks = ids.map((id) => post(`${server.url}/api/ask?session_id=${id}`, { question: 'stuck [[fault:stall]] [[fault:ignore-sigterm]] [[fault:grandchild]]' }))
-  await waitFor(() => box.pids().filter((p) => p.role === 'grandchild').length === 3, 10_000, 'three stuck turns')
+  await waitFor(() => box.pids().filter((p) => p.role === 'grandchild').length === 3, 'three stuck turns')
 
   const signalledAt = Date.now()
   server.proc.kill('SIGTERM')
@@ -92,9 +92,10 @@ t.test('SIGTERM with stuck turns in flight: asks get 503, exit 0 within KILL_GRA
   }
   const exit = await server.exited
   const took = exit.at - signalledAt
+  // Exit code 0: closed gracefully, within close-with-grace's delay (KILL_GRACE + 5 s) and without its forced exit.
   t.equal(exit.code, 0, 'exit code 0')
-  t.ok(took < 1000 + 2000, `exited ${took} ms after SIGTERM (KILL_GRACE 1000 ms)`)
-  t.same(await waitForGone(box.pids().map((p) => p.pid), 1000), [], 'no agent pid outlives the server')
+  t.ok(took < 1000 + 9000, `exited ${took} ms after SIGTERM (KILL_GRACE 1000 ms; an idle keep-alive would hold it 72 s)`)
+  t.same(await waitForGone(box.pids().map((p) => p.pid)), [], 'no agent pid outlives the server')
   const ended = server.logs.filter((l) => l.msg === 'session ended')
   t.equal(ended.length, 3)
   t.ok(ended.every((l) => l.reason === 'shutdown' && l.processes === 'killed'), 'each logged with reason shutdown, killed after SIGKILL')
@@ -103,18 +104,19 @@ t.test('SIGTERM with stuck turns in flight: asks get 503, exit 0 within KILL_GRA
 
 t.test('a second signal exits at once and still kills every agent group', async (t) => {
   const box = sandbox(t)
-  const server = await startServer(t, box, { KILL_GRACE: '20s' })
+  const server = await startServer(t, box, { KILL_GRACE: '60s' })
   const id = (await post(`${server.url}/api/session/start`)).json.session_id
   void post(`${server.url}/api/ask?session_id=${id}`, { question: 'stuck [[fault:stall]] [[fault:ignore-sigterm]] [[fault:grandchild]]' }).catch(() => {})
-  await waitFor(() => box.pids().some((p) => p.role === 'grandchild'), 10_000, 'a stuck turn')
-  const signalledAt = Date.now()
+  await waitFor(() => box.pids().some((p) => p.role === 'grandchild'), 'a stuck turn')
   server.proc.kill('SIGTERM')
-  await new Promise((resolve) => setTimeout(resolve, 300))
+  // The second signal once the first is being handled (the server says it is closing).
+  await waitFor(() => server.logs.some((l) => l.msg === 'closing'), 'the server to start closing')
+  const signalledAt = Date.now()
   server.proc.kill('SIGINT')
   const exit = await server.exited
-  t.ok(exit.at - signalledAt < 5000, `exited ${exit.at - signalledAt} ms after the first signal (grace is 20 s)`)
+  t.ok(exit.at - signalledAt < 20_000, `exited ${exit.at - signalledAt} ms after the second signal (the grace is 60 s)`)
   t.equal(exit.code, 1)
-  t.same(await waitForGone(box.pids().map((p) => p.pid), 1000), [], 'the forced exit left no agent behind')
+  t.same(await waitForGone(box.pids().map((p) => p.pid)), [], 'the forced exit left no agent behind')
 })
 
 t.test('an idle server exits promptly on SIGTERM and says so', async (t) => {
@@ -138,7 +140,8 @@ t.test('an idle server exits promptly on SIGTERM and says so', async (t) => {
   server.proc.kill('SIGTERM')
   const exit = await server.exited
   t.equal(exit.code, 0)
-  t.ok(exit.at - signalledAt < 3000, `exited ${exit.at - signalledAt} ms after SIGTERM`)
+  // Far below the 72 s an idle keep-alive connection would hold it, and close-with-grace's forced exit (code 1).
+  t.ok(exit.at - signalledAt < 20_000, `exited ${exit.at - signalledAt} ms after SIGTERM`)
   t.ok(server.logs.some((l) => l.msg === 'closing' && l.signal === 'SIGTERM'))
 })
 
@@ -147,7 +150,10 @@ t.test('a bad setting stops start-up with a message naming the variable', async 
     { env: { SESSION_TIMEOUT: 'soon' }, message: /SESSION_TIMEOUT .*duration/ },
     { env: { MAX_SESSIONS: '0' }, message: /MAX_SESSIONS .*at least 1/ },
     { env: { KILL_SIGNAL: 'SIGSTOP' }, message: /KILL_SIGNAL .*one of SIGTERM/ },
-    { env: { WORKSPACE_DIR: '/nonexistent/dir' }, message: /WORKSPACE_DIR .*existing directory/ }
+    { env: { WORKSPACE_DIR: '/nonexistent/dir' }, message: /WORKSPACE_DIR .*existing directory/ },
+    // Server-only settings have no plugin option to name.
+    { env: { PORT: '80a' }, message: /^Invalid configuration: PORT must be a whole number, got "80a"$/m },
+    { env: { LOG_LEVEL: 'loud' }, message: /^Invalid configuration: LOG_LEVEL must be one of fatal, .*, got "loud"$/m }
   ]
   for (const c of cases) {
     const proc = spawn(process.execPath, [SERVER], { cwd: ROOT, env: cleanEnv({ PORT: '0', ...c.env }), stdio: ['ignore', 'pipe', 'pipe'] })
@@ -172,11 +178,10 @@ t.test('the app leaves no timer behind: a process that closes it exits on its ow
   const proc = spawn(process.execPath, ['--input-type=module', '-e', script], { cwd: ROOT, env: cleanEnv({}), stdio: ['ignore', 'pipe', 'inherit'] })
   let out = ''
   proc.stdout.on('data', (chunk: Buffer) => { out += String(chunk) })
-  const started = Date.now()
-  const timer = setTimeout(() => proc.kill('SIGKILL'), 10_000)
+  // A leftover timer keeps the process alive for good; the deadline only turns that into a failure.
+  const timer = setTimeout(() => proc.kill('SIGKILL'), 60_000)
   const code = await new Promise((resolve) => proc.once('exit', resolve))
   clearTimeout(timer)
   t.equal(code, 0, 'exited by itself')
   t.equal(out.trim(), 'closed')
-  t.ok(Date.now() - started < 10_000)
 })

@@ -22,6 +22,11 @@ const STREAM = ['-p', '--output-format', 'stream-json']
 // Every pid any test started, checked by the last test.
 const everyPid = new Set<number>()
 
+// Deadlines only turn a hang into a failure: at least 10x what a simulator run
+// takes on a loaded machine (Node.js alone can take 5 s to start there, and
+// some tests start a dozen runs at once).
+const DEADLINE_MS = 120_000
+
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms))
 
 /** Alive = /proc/<pid>/stat exists and the process is not a zombie (PID 1 here does not reap orphans). */
@@ -49,7 +54,7 @@ function isOurs (pid: number): boolean {
   }
 }
 
-async function waitFor (cond: () => boolean, ms: number, what: string): Promise<void> {
+async function waitFor (cond: () => boolean, what: string, ms = DEADLINE_MS): Promise<void> {
   const deadline = Date.now() + ms
   while (!cond()) {
     if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`)
@@ -57,7 +62,7 @@ async function waitFor (cond: () => boolean, ms: number, what: string): Promise<
   }
 }
 
-async function within<T> (p: Promise<T>, ms: number, what: string): Promise<T> {
+async function within<T> (p: Promise<T>, what: string, ms = DEADLINE_MS): Promise<T> {
   let timer: NodeJS.Timeout | undefined
   const timeout = new Promise<never>((_resolve, reject) => {
     timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms)
@@ -172,8 +177,8 @@ function agent (t: Test): Agent {
 
   const exec = async (args: string[], opts: RunOptions = {}) => {
     const r = run(args, opts)
-    const exit = await within(r.exited, 8000, `exit of fake-cursor-agent ${args.join(' ')}`)
-    await within(r.closed, 8000, 'stdout/stderr to close')
+    const exit = await within(r.exited, `exit of fake-cursor-agent ${args.join(' ')}`)
+    await within(r.closed, 'stdout/stderr to close')
     return { ...exit, stdout: r.out(), stderr: r.err(), pid: r.pid }
   }
 
@@ -190,7 +195,7 @@ function agent (t: Test): Agent {
         try { process.kill(pid, 'SIGKILL') } catch {}
       }
     }
-    await waitFor(() => [...all].every((pid) => !isAlive(pid)), 5000, 'every process to die')
+    await waitFor(() => [...all].every((pid) => !isAlive(pid)), 'every process to die')
     for (const r of runs) {
       r.child.stdout!.destroy()
       r.child.stderr!.destroy()
@@ -430,16 +435,18 @@ t.test('create-chat honours FAKE_AGENT_FAULTS', async (t) => {
   t.equal(k.stdout, '')
 })
 
-t.test('late-stderr: exit 1 first, the error text arrives later from a child', async (t) => {
+t.test('late-stderr: exit 1, and the error text comes from a child once the main process has gone', async (t) => {
   const a = agent(t)
   const r = a.run(['-p'], { input: 'q [[fault:late-stderr]]' })
-  const exit = await within(r.exited, 8000, 'main to exit')
-  const stderrAtExit = r.err()
+  const exit = await within(r.exited, 'main to exit')
   t.same(exit, { code: 1, signal: null })
-  t.equal(stderrAtExit, '', 'nothing on stderr when the main process exits')
+  // The child writes as soon as the main process's end of fd 3 closes, which
+  // happens during its exit, before the exit is reported to us: whether this
+  // process reads the text before or after the exit event is the scheduler's
+  // call. The service must (and does: agent-faults) get it either way.
   const late = a.pids().find((p) => p.role === 'late-stderr')
   t.ok(late, 'the child is in pids.log')
-  await within(r.closed, 8000, 'stderr to close')
+  await within(r.closed, 'stderr to close')
   t.equal(r.err(), AUTH + '\n')
   t.equal(r.out(), '')
 })
@@ -500,7 +507,8 @@ t.test('slow=MS: thinking deltas while waiting', async (t) => {
   t.ok(Date.now() - started >= 550, 'took at least the delay')
   t.equal(r.code, 0)
   const deltas = parseEvents(r.stdout).filter((e) => e.type === 'thinking' && e.subtype === 'delta')
-  t.ok(deltas.length >= 4, `${deltas.length} thinking deltas`)
+  // One before the delay, then one per 100 ms of it, however late the timers fire.
+  t.equal(deltas.length, 1 + 6, `${deltas.length} thinking deltas`)
   t.equal(parseEvents(r.stdout).pop().result, 'Answer 1: you asked "q"')
 })
 
@@ -521,9 +529,9 @@ t.test('grandchild: a child in the same group outlives the main process', async 
 t.test('worker-server: stdout stays open after the main process exits', async (t) => {
   const a = agent(t)
   const r = a.run(STREAM, { input: 'q', env: { FAKE_AGENT_FAULTS: 'worker-server' } })
-  const exit = await within(r.exited, 8000, 'main to exit')
+  const exit = await within(r.exited, 'main to exit')
   t.same(exit, { code: 0, signal: null })
-  await waitFor(() => r.events().some((e) => e.type === 'result'), 3000, 'the result line')
+  await waitFor(() => r.events().some((e) => e.type === 'result'), 'the result line')
   const worker = a.pids().find((p) => p.role === 'worker-server')
   t.ok(worker, 'worker-server in pids.log')
   everyPid.add(worker!.pid)
@@ -532,7 +540,7 @@ t.test('worker-server: stdout stays open after the main process exits', async (t
   t.ok(isAlive(worker!.pid), 'worker-server still running')
   t.equal(pgidOf(worker!.pid), r.pid)
   process.kill(-r.pid, 'SIGKILL')
-  await within(r.closed, 5000, 'pipes to close once the group is killed')
+  await within(r.closed, 'pipes to close once the group is killed')
   t.pass('pipes closed after the group was killed')
 })
 
@@ -540,31 +548,31 @@ t.test('hang-after-result: prints the result and stays alive', async (t) => {
   const a = agent(t)
   const chat = await createChat(a)
   const r = a.run([...STREAM, '--resume', chat], { input: 'q [[fault:hang-after-result]]' })
-  await waitFor(() => r.events().some((e) => e.type === 'result'), 5000, 'the result line')
+  await waitFor(() => r.events().some((e) => e.type === 'result'), 'the result line')
   t.equal(r.events().pop().result, 'Answer 1: you asked "q"')
   await sleep(600)
   t.equal(r.child.exitCode, null, 'still running after its result')
   t.ok(isAlive(r.pid))
   t.equal(await ask(a, 'history', chat), 'This chat has 1 earlier questions: q', 'the turn was recorded')
   process.kill(-r.pid, 'SIGTERM')
-  t.same(await within(r.exited, 5000, 'exit on SIGTERM'), { code: null, signal: 'SIGTERM' })
+  t.same(await within(r.exited, 'exit on SIGTERM'), { code: null, signal: 'SIGTERM' })
 })
 
 t.test('stall: init and user, then silence', async (t) => {
   const a = agent(t)
   const r = a.run(STREAM, { input: 'q', env: { FAKE_AGENT_FAULTS: 'stall' } })
-  await waitFor(() => r.events().length >= 2, 5000, 'init and user events')
+  await waitFor(() => r.events().length >= 2, 'init and user events')
   await sleep(600)
   t.same(r.events().map((e) => e.type), ['system', 'user'])
   t.equal(r.child.exitCode, null, 'still running')
   process.kill(-r.pid, 'SIGTERM')
-  t.same(await within(r.exited, 5000, 'exit on SIGTERM'), { code: null, signal: 'SIGTERM' })
+  t.same(await within(r.exited, 'exit on SIGTERM'), { code: null, signal: 'SIGTERM' })
 })
 
 t.test('ignore-sigterm: main and children survive SIGTERM, SIGKILL ends them', async (t) => {
   const a = agent(t)
   const r = a.run(STREAM, { input: 'q [[fault:grandchild]]', env: { FAKE_AGENT_FAULTS: 'ignore-sigterm,stall' } })
-  await waitFor(() => r.events().length >= 2, 5000, 'init and user events')
+  await waitFor(() => r.events().length >= 2, 'init and user events')
   const gc = a.pids().find((p) => p.role === 'grandchild')
   t.ok(gc, 'grandchild in pids.log')
   everyPid.add(gc!.pid)
@@ -573,8 +581,8 @@ t.test('ignore-sigterm: main and children survive SIGTERM, SIGKILL ends them', a
   t.equal(r.child.exitCode, null, 'main survived SIGTERM')
   t.ok(isAlive(gc!.pid), 'grandchild survived SIGTERM')
   process.kill(-r.pid, 'SIGKILL')
-  t.same(await within(r.exited, 5000, 'exit on SIGKILL'), { code: null, signal: 'SIGKILL' })
-  await waitFor(() => !isAlive(gc!.pid), 5000, 'grandchild to die')
+  t.same(await within(r.exited, 'exit on SIGKILL'), { code: null, signal: 'SIGKILL' })
+  await waitFor(() => !isAlive(gc!.pid), 'grandchild to die')
   t.pass('grandchild gone')
 
   const ok = await a.exec(['-p'], { input: 'still answers', env: { FAKE_AGENT_FAULTS: 'ignore-sigterm' } })
@@ -587,7 +595,7 @@ t.test('pid log: one "<pid> <role>" line per process', async (t) => {
   await a.exec(['--version'])
   await a.exec(['create-chat'], { env: { FAKE_AGENT_FAULTS: 'grandchild' } })
   const w = a.run(['-p'], { input: 'q', env: { FAKE_AGENT_FAULTS: 'worker-server' } })
-  await within(w.exited, 8000, 'main to exit') // the worker keeps the pipes open
+  await within(w.exited, 'main to exit') // the worker keeps the pipes open
   const text = readFileSync(join(a.dir, 'pids.log'), 'utf8')
   t.match(text, /^(\d+ (main|grandchild|worker-server|late-stderr)\n)+$/)
   t.same(a.pids().map((p) => p.role), ['main', 'main', 'grandchild', 'main', 'worker-server'])
@@ -595,6 +603,6 @@ t.test('pid log: one "<pid> <role>" line per process', async (t) => {
 
 t.test('no process left behind', async (t) => {
   t.ok(everyPid.size > 30, `${everyPid.size} pids tracked`)
-  await waitFor(() => [...everyPid].every((pid) => !isAlive(pid)), 5000, 'every tracked process to be gone')
+  await waitFor(() => [...everyPid].every((pid) => !isAlive(pid)), 'every tracked process to be gone')
   t.same([...everyPid].filter(isAlive), [], 'all gone')
 })

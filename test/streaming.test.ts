@@ -8,11 +8,10 @@ import { fileURLToPath } from 'node:url'
 import type { FastifyInstance } from 'fastify'
 import { EventSource } from 'eventsource'
 import type { AgentConversation, AgentDriver, ProcessReport, PromptOptions } from '../lib/agents/types.js'
-import { ask, build, sandbox, startSession, waitFor, type BuildOptions, type Sandbox } from './helpers/index.js'
+import { AGENT_CALL_TIMEOUT_MS, ask, build, sandbox, startSession, waitFor, type BuildOptions, type Sandbox } from './helpers/index.js'
 import { openSse, until, type SseEvent } from './helpers/sse.js'
 
 const ACP_SIMULATOR = fileURLToPath(new URL('./fixtures/fake-acp-agent.mjs', import.meta.url))
-const GENEROUS_MS = 15_000
 
 async function served (t: Test, box: Sandbox, options: BuildOptions = {}): Promise<{ app: FastifyInstance, base: string }> {
   const app = await build(t, box, options)
@@ -53,7 +52,8 @@ t.test('the first chunk arrives while the turn is still running', async (t) => {
   const box = sandbox(t)
   const { app, base } = await served(t, box)
   const id = await startSession(app)
-  const stream = await askStream(base, id, 'one word at a time [[fault:slow-chunks=200]]')
+  // Half a second between words: the check below has seconds, however busy the machine.
+  const stream = await askStream(base, id, 'one word at a time [[fault:slow-chunks=500]]')
   await until(stream, (e) => e.event === 'chunk', 'the first chunk')
   t.equal(app.agentSessions.get(id).state, 'busy', 'the turn had not ended when the first chunk arrived')
   const rest = await stream.all()
@@ -112,7 +112,8 @@ t.test('cancel mid-stream ends the stream with stop_reason cancelled', async (t)
   const box = sandbox(t)
   const { app, base } = await served(t, box)
   const id = await startSession(app)
-  const stream = await askStream(base, id, 'long [[fault:slow-chunks=300]]')
+  // Half a second between words: the cancel has seconds to arrive before the turn ends by itself.
+  const stream = await askStream(base, id, 'long one, word by word [[fault:slow-chunks=500]]')
   const before = await until(stream, (e) => e.event === 'chunk', 'the first chunk')
   await app.inject({ method: 'POST', url: `/api/cancel?session_id=${id}` })
   const events = [...before, ...await stream.all()]
@@ -162,7 +163,7 @@ t.test('expiring comes before ended, and a heartbeat postpones it; an open strea
   const source = new EventSource(`${base}/api/session/events?session_id=${id}`)
   t.teardown(() => { source.close() })
   const seen: Array<{ type: string, data: Record<string, unknown> }> = []
-  const arrived = (type: string, count: number): Promise<void> => waitFor(() => seen.filter((e) => e.type === type).length >= count, 30_000, `${count} ${type}`).then(() => {})
+  const arrived = (type: string, count: number): Promise<void> => waitFor(() => seen.filter((e) => e.type === type).length >= count, `${count} ${type}`).then(() => {})
   for (const type of ['state', 'expiring', 'ended']) {
     source.addEventListener(type, (event) => { seen.push({ type, data: JSON.parse((event as MessageEvent).data) }) })
   }
@@ -185,19 +186,21 @@ t.test('idle streams get comment lines so proxies keep them open', async (t) => 
   const id = await startSession(app)
   const stream = await openSse(`${base}/api/session/events?session_id=${id}`)
   await stream.next()
-  await waitFor(() => stream.comments() >= 2, GENEROUS_MS, 'two comment lines')
+  await waitFor(() => stream.comments() >= 2, 'two comment lines')
   stream.abort()
   t.pass('comment lines arrived on an idle stream')
 })
 
 t.test('PERMISSION_POLICY=ask: the request streams, the client answers; no answer is a reject', async (t) => {
   const box = sandbox(t)
-  const { app, base } = await served(t, box, {
+  // PERMISSION_TIMEOUT is short only where it is under test (nobody answers, below): here the client has time.
+  const permissionApp = async (permissionTimeout: string | number): Promise<{ app: FastifyInstance, base: string }> => await served(t, box, {
     agentProtocol: 'acp',
     agentCommand: [process.execPath, ACP_SIMULATOR],
     permissionPolicy: 'ask',
-    permissionTimeout: '1s'
+    permissionTimeout
   })
+  const { app, base } = await permissionApp(AGENT_CALL_TIMEOUT_MS)
   const id = await startSession(app)
   const watcher = await openSse(`${base}/api/session/events?session_id=${id}`)
   await watcher.next()
@@ -225,13 +228,16 @@ t.test('PERMISSION_POLICY=ask: the request streams, the client answers; no answe
   t.equal(stale.statusCode, 409)
   t.equal(stale.json().error, 'PERMISSION_ALREADY_DECIDED')
 
-  // Nobody answers this time: rejected after PERMISSION_TIMEOUT.
-  const unanswered = await askStream(base, id, 'again? [[fault:ask-permission]]')
+  watcher.abort()
+
+  // Nobody answers: rejected after PERMISSION_TIMEOUT.
+  const short = await permissionApp('1s')
+  const other = await startSession(short.app)
+  const unanswered = await askStream(short.base, other, 'again? [[fault:ask-permission]]')
   const events = await unanswered.all()
   const decisions = events.filter((e) => e.event === 'permission' && e.data.outcome !== undefined)
   t.same(decisions.map((e) => [e.data.outcome, e.data.option_id]), [['timeout', 'reject-once']], 'fail-safe deny')
   t.match(events.at(-1)?.data.answer, /Permission: selected reject-once/)
-  watcher.abort()
 })
 
 /** A driver whose turn pours out `chunks` chunks of `size` bytes as fast as it can. */
@@ -287,12 +293,14 @@ t.test('a stalled consumer is cut off: what waits for it never passes STREAM_BUF
   socket.pause()
   const finished = await new Promise<{ outcome: string }>((resolve) => app.agentSessions.once('turn-finished', resolve))
   t.equal(finished.outcome, 'answered', 'the turn itself went on to its end')
-  await waitFor(() => lines.find((l) => l.msg === 'event stream consumer too slow: stream closed'), GENEROUS_MS, 'the cut')
+  await waitFor(() => lines.find((l) => l.msg === 'event stream consumer too slow: stream closed'), 'the cut')
   const cut = lines.find((l) => l.msg === 'event stream consumer too slow: stream closed') as { queuedBytes: number, limit: number }
   t.ok(cut.queuedBytes <= limit, `at most ${limit} bytes waited (${cut.queuedBytes})`)
-  const connections = async (): Promise<number> => await new Promise((resolve) => app.server.getConnections((_err, n) => resolve(n)))
-  for (let i = 0; i < 300 && await connections() > 0; i++) await new Promise((resolve) => setTimeout(resolve, 50))
-  t.equal(await connections(), 0, 'the server closed the stalled connection')
+  let open = -1
+  const poll = (): void => { app.server.getConnections((_err, n) => { open = n }) }
+  poll()
+  await waitFor(() => { poll(); return open === 0 }, 'the server to close the stalled connection')
+  t.equal(open, 0, 'the server closed the stalled connection')
   const health = await app.inject({ method: 'GET', url: '/api/health' })
   t.equal(health.statusCode, 200, 'the server keeps serving')
 })

@@ -35,8 +35,7 @@ t.test('the polite signal ends a well-behaved group, grandchild included', async
   const report = await terminateProcessGroup(leader, { graceMs: 3000 })
   t.equal(report.stage, 'signalled')
   t.equal(report.signal, 'SIGTERM')
-  t.ok(report.durationMs < 3000)
-  t.same(await waitForGone([leader, grandchild], 1000), [])
+  t.same(await waitForGone([leader, grandchild]), [])
 })
 
 t.test('a group that ignores SIGTERM is SIGKILLed after the grace period', async (t) => {
@@ -44,29 +43,32 @@ t.test('a group that ignores SIGTERM is SIGKILLed after the grace period', async
   const report = await terminateProcessGroup(leader, { graceMs: 500 })
   t.equal(report.stage, 'killed')
   t.equal(report.signal, 'SIGKILL')
-  t.ok(report.durationMs >= 450, `took ${report.durationMs} ms`)
-  t.ok(report.durationMs < 3000, `took ${report.durationMs} ms`)
-  t.notOk(isGroupAlive(leader))
-  t.same(await waitForGone([leader, grandchild], 1000), [])
+  t.ok(report.durationMs >= 450, `took ${report.durationMs} ms: SIGKILL waited for the grace period`)
+  t.notOk(isGroupAlive(leader), 'the group is gone when the ladder returns')
+  t.same(await waitForGone([leader, grandchild]), [])
 })
 
 t.test('orphans left after the leader exits are found and torn down', async (t) => {
   const { leader, grandchild } = await startGroup(t, false)
   process.kill(leader, 'SIGKILL')
-  await waitFor(() => !isProcessAlive(leader), 2000, 'leader exit')
+  await waitFor(() => !isProcessAlive(leader), 'leader exit')
   t.ok(isProcessAlive(grandchild), 'the grandchild survives its parent')
   t.ok(isGroupAlive(leader), 'the group is still alive through the grandchild')
   const report = await terminateProcessGroup(leader, { graceMs: 2000 })
   t.equal(report.stage, 'signalled')
-  t.same(await waitForGone([grandchild], 1000), [])
+  t.same(await waitForGone([grandchild]), [])
 })
 
 t.test('many groups torn down in parallel take about one grace period', async (t) => {
-  const groups = await Promise.all(Array.from({ length: 10 }, () => startGroup(t, true)))
+  const n = 10
+  const graceMs = 1000
+  const groups = await Promise.all(Array.from({ length: n }, () => startGroup(t, true)))
   const started = Date.now()
-  const reports = await Promise.all(groups.map((g) => terminateProcessGroup(g.leader, { graceMs: 500 })))
+  const reports = await Promise.all(groups.map((g) => terminateProcessGroup(g.leader, { graceMs })))
   const elapsed = Date.now() - started
   t.ok(reports.every((r) => r.stage === 'killed'))
-  t.ok(elapsed < 3000, `10 stuck groups in ${elapsed} ms (one grace is 500 ms)`)
-  t.same(await waitForGone(groups.flatMap((g) => [g.leader, g.grandchild]), 1000), [])
+  // One after the other they would take n graces (10 s); in parallel about one.
+  // The bound leaves a loaded machine 5 s for signalling and reaping 20 processes.
+  t.ok(elapsed < 6 * graceMs, `${n} stuck groups in ${elapsed} ms (one grace is ${graceMs} ms, ${n} would be ${n * graceMs} ms)`)
+  t.same(await waitForGone(groups.flatMap((g) => [g.leader, g.grandchild])), [])
 })

@@ -52,7 +52,9 @@ const AUTH_REQUIRED = -32000
 // first prompt waits until none came for REPLAY_QUIET_MS (at most REPLAY_MAX_WAIT_MS).
 const REPLAY_QUIET_MS = 250
 const REPLAY_MAX_WAIT_MS = 5000
-// How long a closed connection waits to learn whether the process exited with it.
+// How long a closed connection waits to learn whether the process exited with
+// it (then one more loop turn, so an exit already signalled is seen however
+// late the timer fires).
 const EXIT_AFTER_EOF_MS = 200
 const KNOWN_STOP_REASONS = new Set<string>(['end_turn', 'max_tokens', 'max_turn_requests', 'refusal', 'cancelled'])
 
@@ -336,7 +338,7 @@ class AgentProcess {
       const request = (this.#connection.agent.request as (m: string, p: unknown) => Promise<unknown>)(method, params)
         .catch(async (err: unknown) => {
           // The connection closes when stdout ends, which can come just before the exit itself.
-          const exit = await Promise.race([this.exited, delay(EXIT_AFTER_EOF_MS)])
+          const exit = await Promise.race([this.exited, exitWait()])
           throw exit !== undefined ? await this.#exitError(exit, what) : this.#requestError(err, what)
         })
       return await Promise.race([request, failure]) as RequestResults[M]
@@ -626,7 +628,7 @@ class AcpConversation implements AgentConversation {
       finish({ stopReason: turn.controller.signal.aborted ? 'cancelled' : stopReason })
     }, async (err: unknown) => {
       // The connection closes when stdout ends, which can come just before the exit itself.
-      const exit = await Promise.race([agent.exited, delay(EXIT_AFTER_EOF_MS)])
+      const exit = await Promise.race([agent.exited, exitWait()])
       if (exit !== undefined || !this.#alive) {
         const how = exit === undefined ? 'was stopped' : exit.signal !== null ? `was killed by ${exit.signal}` : `exited with code ${String(exit.code)}`
         finish(new AgentSessionError('AGENT_EXITED', `The agent ${how} during the turn`))
@@ -712,6 +714,16 @@ function newRequestId (): string {
 
 function delay (ms: number): Promise<undefined> {
   return new Promise((resolve) => setTimeout(() => { resolve(undefined) }, ms).unref())
+}
+
+/**
+ * EXIT_AFTER_EOF_MS, then the poll phase of the loop turn the timer fired in:
+ * when the loop lagged past the wait, the exit already signalled is handled
+ * before the wait ends, instead of being taken for a protocol failure.
+ */
+async function exitWait (): Promise<undefined> {
+  await delay(EXIT_AFTER_EOF_MS)
+  return await new Promise((resolve) => setImmediate(() => { resolve(undefined) }))
 }
 
 function lastLines (text: string): string {

@@ -308,7 +308,10 @@ export class CursorPrintDriver implements AgentDriver {
         return
       }
       // Let the last output arrive (it may come after the exit), but not forever.
-      void Promise.race([Promise.all([stdoutEnded, stderrEnded]), delay(STREAM_FLUSH_WAIT_MS)]).then(() => {
+      // After the wait, one more turn of the event loop reads what is already
+      // in the pipes: a loop that lagged past the wait must not drop it.
+      const flushed = delay(STREAM_FLUSH_WAIT_MS).then(nextIoTurn)
+      void Promise.race([Promise.all([stdoutEnded, stderrEnded]), flushed]).then(() => {
         if (pending !== '') {
           handleLine(pending)
           pending = ''
@@ -601,4 +604,9 @@ function streamEnd (stream: NodeJS.ReadableStream | null | undefined): Promise<v
 
 function delay (ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms).unref())
+}
+
+/** Resolves after the poll phase of the current loop turn: I/O already waiting is handled first. */
+function nextIoTurn (): Promise<void> {
+  return new Promise((resolve) => setImmediate(resolve))
 }

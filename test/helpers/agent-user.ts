@@ -67,7 +67,7 @@ export async function startServer (t: Test, env: Record<string, string>): Promis
   proc.stderr!.on('data', (chunk: Buffer) => { output += String(chunk) })
   const exited = new Promise<{ code: number | null, signal: NodeJS.Signals | null }>((resolve) => proc.once('exit', (code, signal) => resolve({ code, signal })))
   const url = await Promise.race([
-    waitFor(() => /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(output)?.[1], 60_000, 'the server to listen'),
+    waitFor(() => /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(output)?.[1], 'the server to listen', 60_000),
     exited.then(() => { throw new Error(`the server exited: ${output}`) })
   ])
   return { proc, url, output: () => output, exited }

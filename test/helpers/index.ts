@@ -8,7 +8,19 @@ import { fileURLToPath } from 'node:url'
 import fp from 'fastify-plugin'
 import Fastify, { type FastifyInstance, type LightMyRequestResponse } from 'fastify'
 import agentSessions, { type AgentSessionsOptions } from '../../app.js'
+import type { AgentConversation, AgentDriver } from '../../lib/agents/types.js'
 import { isProcessAlive, signalGroup } from '../../lib/processes/terminate.js'
+
+// Deadlines of the tests: a deadline only turns a hang into a failure, it
+// never decides a result, so it is at least 10x what the awaited thing takes
+// on a loaded 2-core machine. There, Node.js itself can take 5 s to start (4
+// busy loops beside the usual load), so a simulator turn takes 5 to 10 s
+// instead of 0.1 s. Elapsed-time claims are asserted separately, with bounds of
+// their own.
+/** Any agent call (create-chat, a turn) that is not itself under test. */
+export const AGENT_CALL_TIMEOUT_MS = 120_000
+/** Waiting for an event: a reap, a process group gone, a process started. */
+export const EVENT_TIMEOUT_MS = 60_000
 
 // fastify-plugin marks the function it wraps, so wrapping `agentSessions` itself
 // would strip the encapsulation (and the prefix) from every later use in the
@@ -57,6 +69,17 @@ export function sandbox (t: TapLike): Sandbox {
 
 export const RUN_SIMULATOR = `exec "${process.execPath}" "${SIMULATOR}" "$@"`
 
+/** What the simulator prints for --version. */
+export const SIMULATOR_VERSION = '2026.11.20-fake'
+
+/**
+ * The simulator, except that the shell answers --version at once: health's
+ * version probe has a production timeout of 5 s, which Node.js alone can take
+ * to start on a loaded machine. For tests that assert the probe's result.
+ */
+export const RUN_SIMULATOR_QUICK_VERSION = `if [ "$1" = "--version" ]; then echo "${SIMULATOR_VERSION}"; exit 0; fi
+${RUN_SIMULATOR}`
+
 /**
  * A cursor-agent in a temp dir that a test can remove and put back: like the
  * real one, a shell script around a Node program (the simulator, unless the
@@ -75,6 +98,35 @@ export interface BuildOptions extends AgentSessionsOptions {
   logger?: boolean | object
 }
 
+/**
+ * For a test that makes turns time out: the turns `underTest` picks keep the
+ * app's ASK_TIMEOUT (set short by the test); every other turn gets
+ * AGENT_CALL_TIMEOUT_MS, so only the operation under test can time out
+ * (starts have START_TIMEOUT, which build() keeps generous).
+ */
+export function onlyTheseTurnsTimeOut (underTest: (prompt: string) => boolean): (driver: AgentDriver) => AgentDriver {
+  const generous = (conversation: AgentConversation): AgentConversation => ({
+    get ref () { return conversation.ref },
+    get alive () { return conversation.alive },
+    get pid () { return conversation.pid },
+    prompt: async (text, options) => await conversation.prompt(text, underTest(text) ? options : { ...options, timeoutMs: AGENT_CALL_TIMEOUT_MS }),
+    cancel: () => conversation.cancel(),
+    suspend: async () => await conversation.suspend(),
+    close: async () => await conversation.close(),
+    onExit: (listener) => { conversation.onExit(listener) }
+  })
+  return (driver) => ({
+    protocol: driver.protocol,
+    keepsProcesses: driver.keepsProcesses,
+    open: async (options) => generous(await driver.open(options)),
+    resume: async (ref, options) => generous(await driver.resume(ref, options)),
+    info: async (options) => await driver.info(options),
+    livePids: () => driver.livePids(),
+    onProcessFinished: (listener) => { driver.onProcessFinished(listener) },
+    drain: async () => await driver.drain()
+  })
+}
+
 /** The app as a host would register it, ready, closed after the test. */
 export async function build (t: TapLike, box: Sandbox, options: BuildOptions = {}): Promise<FastifyInstance> {
   const { logger = false, ...pluginOptions } = options
@@ -83,7 +135,8 @@ export async function build (t: TapLike, box: Sandbox, options: BuildOptions = {
     cursorAgentBin: SIMULATOR,
     workspaceDir: ROOT,
     killGrace: '1s',
-    askTimeout: '10s',
+    askTimeout: AGENT_CALL_TIMEOUT_MS,
+    startTimeout: AGENT_CALL_TIMEOUT_MS,
     ...pluginOptions,
     agentEnv: { FAKE_AGENT_STATE_DIR: box.stateDir, ...pluginOptions.agentEnv }
   })
@@ -112,7 +165,7 @@ export async function ask (app: FastifyInstance, sessionId: string, question: st
 }
 
 /** Waits until none of the pids runs (zombies count as gone); returns those still alive at the deadline. */
-export async function waitForGone (pids: number[], timeoutMs: number): Promise<number[]> {
+export async function waitForGone (pids: number[], timeoutMs = EVENT_TIMEOUT_MS): Promise<number[]> {
   const deadline = Date.now() + timeoutMs
   for (;;) {
     const alive = pids.filter(isProcessAlive)
@@ -121,7 +174,8 @@ export async function waitForGone (pids: number[], timeoutMs: number): Promise<n
   }
 }
 
-export async function waitFor<T> (probe: () => T | undefined | false, timeoutMs: number, what: string): Promise<T> {
+/** Polls until the probe holds; probes once more after any pause before giving up. */
+export async function waitFor<T> (probe: () => T | undefined | false, what: string, timeoutMs = EVENT_TIMEOUT_MS): Promise<T> {
   const deadline = Date.now() + timeoutMs
   for (;;) {
     const value = probe()

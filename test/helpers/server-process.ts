@@ -33,7 +33,7 @@ export interface StartOptions {
 export async function startServer (t: { after: (fn: () => unknown) => void }, options: StartOptions = {}): Promise<ServerProcess> {
   const started = spawnServer(t, options.env ?? {})
   const listening = await waitFor(() => started.logs.find((l) => typeof l.msg === 'string' && l.msg.startsWith('Server listening at http://127.0.0.1')) ??
-    (started.proc.exitCode !== null ? { msg: '' } : undefined), options.timeoutMs ?? 60_000, 'the server to listen')
+    (started.proc.exitCode !== null ? { msg: '' } : undefined), 'the server to listen', options.timeoutMs ?? 60_000)
   if (listening.msg === '') throw new Error(`the server exited with ${started.proc.exitCode}: ${JSON.stringify(started.logs.slice(-5))}`)
   const url = /http:\/\/127\.0\.0\.1:\d+/.exec(listening.msg as string)![0]
   return { ...started, url }

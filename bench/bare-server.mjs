@@ -1,0 +1,43 @@
+// The baseline of the standalone heartbeat benchmark: a bare Fastify server in
+// a process of its own, run by plain `node` like `node dist/server.js` (no
+// TypeScript loader), with Fastify's own logger (pino) at the same LOG_LEVEL,
+// answering POST /api/heartbeat with the same JSON after the same Map lookup.
+// Nothing else: default request ids, no hooks, no schemas.
+//
+// Environment: PORT, HOST (127.0.0.1), LOG_LEVEL (info), BARE_SESSIONS (how
+// many entries the Map holds). Prints the ids it holds as one JSON line on fd 3
+// (when open), so the benchmark can heartbeat one of them; logs go to stdout.
+
+import { randomUUID } from 'node:crypto'
+import { writeSync } from 'node:fs'
+import Fastify from 'fastify'
+
+const sessions = Number(process.env.BARE_SESSIONS ?? '1')
+const map = new Map()
+for (let i = 0; i < sessions; i++) {
+  const id = Buffer.from(randomUUID(), 'latin1').toString('latin1')
+  map.set(id, { id, state: 'idle', lastActivity: Date.now(), idleTimeoutMs: 600_000 })
+}
+
+const app = Fastify({ logger: { level: process.env.LOG_LEVEL ?? 'info' } })
+app.post('/api/heartbeat', async (request, reply) => {
+  const session = map.get(request.query.session_id ?? '')
+  if (session === undefined) return await reply.code(404).send({ error: 'SESSION_NOT_FOUND' })
+  session.lastActivity = Date.now()
+  return {
+    message: 'Heartbeat received',
+    session_id: session.id,
+    last_activity: new Date(session.lastActivity).toISOString(),
+    idle_timeout_seconds: session.idleTimeoutMs / 1000,
+    expires_at: new Date(session.lastActivity + session.idleTimeoutMs).toISOString()
+  }
+})
+
+await app.listen({ host: process.env.HOST ?? '127.0.0.1', port: Number(process.env.PORT ?? '0') })
+try {
+  writeSync(3, JSON.stringify({ ids: [...map.keys()] }) + '\n')
+} catch {}
+// Close on a signal like the standalone server does (and so a --cpu-prof profile is written).
+for (const signal of ['SIGINT', 'SIGTERM']) {
+  process.once(signal, () => { void app.close().then(() => process.exit(0)) })
+}
