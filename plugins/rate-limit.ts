@@ -9,8 +9,17 @@ import { AgentSessionError, formatDuration } from '../lib/errors.js'
 
 async function rateLimitPlugin (fastify: FastifyInstance): Promise<void> {
   const config = fastify.agentSessionsConfig
+  const cluster = fastify.agentSessionsCluster
   await fastify.register(rateLimit, {
     global: false,
+    // In a cluster the count lives in Redis, so it holds across instances. Without Redis the start fails anyway (STATE_UNAVAILABLE).
+    ...(cluster === null
+      ? {}
+      : {
+          redis: cluster.redis,
+          nameSpace: cluster.keys.rateLimit,
+          skipOnError: true
+        }),
     errorResponseBuilder: (_request, context) => new AgentSessionError('RATE_LIMITED',
       `Too many session starts from this client: at most ${context.max} per ${formatDuration(config.startRateWindowMs)} ` +
       `(START_RATE_LIMIT, START_RATE_WINDOW); retry in ${context.after}`,
@@ -21,5 +30,5 @@ async function rateLimitPlugin (fastify: FastifyInstance): Promise<void> {
 export default fp(rateLimitPlugin, {
   name: 'agent-sessions-rate-limit',
   fastify: '5.x',
-  dependencies: ['agent-sessions-config']
+  dependencies: ['agent-sessions-config', 'agent-sessions-cluster']
 })

@@ -66,6 +66,8 @@ export class RedisStore implements SessionStore {
   #closed: Promise<void> | null = null
   /** Called for a session this instance holds that another instance owns now (it lost touch for too long). */
   onLost: (sessionId: string) => void = () => {}
+  /** Called on close right before the sessions are released (the liveness key must stop being written first). */
+  beforeRelease: () => void = () => {}
 
   constructor (options: RedisStoreOptions) {
     this.#redis = options.redis
@@ -126,6 +128,7 @@ export class RedisStore implements SessionStore {
   async close (): Promise<void> {
     this.#closed ??= (async () => {
       await this.flush()
+      this.beforeRelease()
       try {
         const released = await runScript(this.#redis, 'agentSessionsRelease',
           this.#keys.owned(this.#me), this.#keys.unowned, this.#keys.instances, this.#keys.instance(this.#me),
