@@ -5,6 +5,7 @@ import type { FastifyInstance, FastifyPluginAsync } from 'fastify'
 import configPlugin from './plugins/config.js'
 import statePlugin from './plugins/state.js'
 import clusterPlugin from './plugins/cluster.js'
+import clusterRoutesPlugin from './plugins/cluster-routes.js'
 import sessionManagerPlugin, { type SessionManagerPluginOptions } from './plugins/session-manager.js'
 import reaperPlugin from './plugins/reaper.js'
 import httpPlugin from './plugins/http.js'
@@ -61,6 +62,8 @@ const agentSessions: FastifyPluginAsync<AgentSessionsOptions> = async (fastify, 
   await fastify.register(metricsPlugin)
   // Before the streaming routes: it wraps the routes that declare `sse`.
   await fastify.register(ssePlugin)
+  // After the SSE plugin and before the routes: it wraps the session routes outside the SSE wrapper.
+  await fastify.register(clusterRoutesPlugin)
   await fastify.register(sessionRoutes)
   await fastify.register(askRoutes)
   await fastify.register(sessionStreamRoutes)

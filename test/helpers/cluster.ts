@@ -3,6 +3,7 @@
 // sharing one (real) Redis. The simulator's chats live in the sandbox's
 // directory, which every instance shares (the "shared agent storage" case).
 
+import { randomUUID } from 'node:crypto'
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -28,7 +29,16 @@ export interface InstanceOptions extends BuildOptions {
 export async function startInstance (t: TapLike, box: Sandbox, redisUrl: string, options: InstanceOptions = {}): Promise<Instance> {
   const { logger = false, withStateDir = true, ...pluginOptions } = options
   const stateDir = mkdtempSync(join(tmpdir(), 'agent-sessions-instance-'))
-  const app = Fastify({ logger: logger as boolean, return503OnClosing: false })
+  // As the standalone server does: a well-formed X-Request-ID from the client (or a forwarding instance) is kept.
+  const app = Fastify({
+    logger: logger as boolean,
+    return503OnClosing: false,
+    requestIdHeader: false,
+    genReqId: (req) => {
+      const given = req.headers['x-request-id']
+      return typeof given === 'string' && /^[\w.:-]{1,128}$/.test(given) ? given : randomUUID()
+    }
+  })
   await app.register(liftDecorators, {
     cursorAgentBin: SIMULATOR,
     workspaceDir: ROOT,
