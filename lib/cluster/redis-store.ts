@@ -104,7 +104,9 @@ export class RedisStore implements SessionStore {
 
   touched (session: StoredSession): void {
     this.#touched.set(session.id, session)
-    this.#schedule()
+    // A turn that ended is written at once: an instance that dies a moment later must not take it along.
+    if (this.#historyMark.get(session.id) !== historyMark(session)) this.#writeSoon()
+    else this.#schedule()
   }
 
   ended (record: StoredEnded): void {

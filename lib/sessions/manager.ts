@@ -716,7 +716,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       throw signal.reason
     }
     session.conversation = conversation
-    session.adopted = false
+    // `adopted` stays until a turn answered: an agent without a live process (cursor) only finds out then that the chat is not here.
     this.#watch(session, conversation)
     const durationMs = performance.now() - started
     this.emit('session-resumed', { sessionId: session.id, ok: true, durationMs })
