@@ -45,9 +45,10 @@ export interface RedisServer {
 
 interface TapLike { after: (fn: () => unknown) => void }
 
-export async function startRedis (t: TapLike): Promise<RedisServer> {
+/** Starts redis-server on `port` (default: a free one). */
+export async function startRedis (t: TapLike, port?: number): Promise<RedisServer> {
   const dir = mkdtempSync(join(tmpdir(), 'agent-sessions-redis-'))
-  const port = await freePort()
+  port ??= await freePort()
   let proc: ChildProcess | null = null
   let exited: Promise<void> = Promise.resolve()
 
