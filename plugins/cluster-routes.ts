@@ -122,6 +122,16 @@ async function clusterRoutesPlugin (fastify: FastifyInstance): Promise<void> {
     return { owner: chosen.id, url: chosen.url }
   }
 
+  /** MAX_SESSIONS_PER_CLIENT across the cluster (each instance also counts its own, atomically; this adds the others'). */
+  async function checkClientLimit (client: string): Promise<void> {
+    const held = await store.clientSessions(client)
+    if (held >= config.maxSessionsPerClient) {
+      throw new AgentSessionError('CLIENT_SESSION_LIMIT_REACHED',
+        `This client already holds its maximum of ${config.maxSessionsPerClient} sessions (MAX_SESSIONS_PER_CLIENT) across the cluster: ` +
+        'end one or try again later', { retryAfterSeconds: 30 })
+    }
+  }
+
   function forward (request: FastifyRequest, reply: FastifyReply, target: Target, repeatable: boolean): Promise<Outcome> {
     return new Promise<Outcome>((resolve) => {
       log.debug({ reqId: request.id, to: target.owner, url: request.url }, 'request forwarded')
@@ -187,6 +197,10 @@ async function clusterRoutesPlugin (fastify: FastifyInstance): Promise<void> {
         if (typeof client === 'string' && client !== '') forwardedClient.set(request, client)
       }
       const sessionId = (request.query as { session_id?: string }).session_id ?? ''
+      if (isStart && !forwarded && !manager.closed) {
+        if (!cluster!.available()) throw stateUnavailable()
+        await checkClientLimit(clientAddress(request))
+      }
       for (let attempt = 0; ; attempt++) {
         const target = isStart ? await admit(forwarded || attempt > 0) : await locate(sessionId, forwarded)
         if (target === null) break

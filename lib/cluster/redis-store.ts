@@ -176,6 +176,18 @@ export class RedisStore implements SessionStore {
     }
   }
 
+  /** How many sessions the client address holds across the cluster. */
+  async clientSessions (client: string): Promise<number> {
+    try {
+      const count = await this.#redis.scard(this.#keys.client(client))
+      this.#ok()
+      return count
+    } catch (err) {
+      this.#failed(err, 'counting a client\'s sessions in Redis failed')
+      throw stateUnavailable(err)
+    }
+  }
+
   /** Makes this instance the session's owner, atomically: only when no live instance owns it. */
   async claim (sessionId: string): Promise<Claim> {
     let reply: Array<string | number>
@@ -244,6 +256,7 @@ export class RedisStore implements SessionStore {
     this.#historyMark.set(session.id, mark)
     return [
       this.#keys.session(session.id), this.#keys.owned(this.#me), this.#keys.unowned, this.#keys.ended(session.id),
+      this.#keys.client(session.client ?? ''),
       this.#me, session.id,
       'ref', JSON.stringify(session.ref),
       'workspaceDir', session.workspaceDir,
@@ -289,7 +302,7 @@ export class RedisStore implements SessionStore {
     for (const record of ended) {
       queueScript(pipeline, 'agentSessionsEnd', this.#keys.session(record.id), this.#keys.owned(this.#me), this.#keys.unowned,
         this.#keys.ended(record.id), this.#me, record.id,
-        JSON.stringify({ reason: record.reason, idleMs: record.idleMs, endedAt: record.endedAt }), this.#endedTtlMs)
+        JSON.stringify({ reason: record.reason, idleMs: record.idleMs, endedAt: record.endedAt }), this.#endedTtlMs, this.#keys.prefix)
     }
     const marks: string[] = []
     for (const session of touched) {

@@ -9,6 +9,7 @@
 //   P ended:<id>      why a session ended (JSON), expiring after the ended-id memory
 //   P instance:<inst> liveness key: the instance's URL and free capacity (JSON), expiring after INSTANCE_TTL
 //   P instances       set of instance ids that may still own sessions
+//   P client:<addr>   set of the session ids a client address holds (MAX_SESSIONS_PER_CLIENT across the cluster)
 //   P secret          marks requests one instance forwards to another (never sent to clients)
 //   P rate:...        the start rate limit (@fastify/rate-limit's Redis store)
 //
@@ -29,6 +30,7 @@ export class ClusterKeys {
   owned (instanceId: string): string { return `${this.prefix}owned:${instanceId}` }
   ended (id: string): string { return `${this.prefix}ended:${id}` }
   instance (instanceId: string): string { return `${this.prefix}instance:${instanceId}` }
+  client (address: string): string { return `${this.prefix}client:${address}` }
   get unowned (): string { return `${this.prefix}unowned` }
   get instances (): string { return `${this.prefix}instances` }
   get secret (): string { return `${this.prefix}secret` }
@@ -36,10 +38,10 @@ export class ClusterKeys {
 }
 
 const SCRIPTS = {
-  // KEYS: session, owned:me, unowned, ended. ARGV: me, id, field, value, ...
+  // KEYS: session, owned:me, unowned, ended, client:<addr>. ARGV: me, id, field, value, ...
   // Writes a session this instance owns; 0 when it ended, or another instance owns it now.
   agentSessionsSave: {
-    keys: 4,
+    keys: 5,
     lua: `
 if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 local owner = redis.call('HGET', KEYS[1], 'owner')
@@ -47,6 +49,8 @@ if owner and owner ~= '' and owner ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], unpack(ARGV, 3))
 redis.call('SADD', KEYS[2], ARGV[2])
 redis.call('SREM', KEYS[3], ARGV[2])
+local client = redis.call('HGET', KEYS[1], 'client')
+if client and client ~= '' then redis.call('SADD', KEYS[5], ARGV[2]) end
 return 1`
   },
   // KEYS: session. ARGV: me, field, value, ... Updates only a session this instance owns; 0 otherwise.
@@ -57,13 +61,15 @@ if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 1`
   },
-  // KEYS: session, owned:me, unowned, ended. ARGV: me, id, ended JSON, ttl ms.
+  // KEYS: session, owned:me, unowned, ended. ARGV: me, id, ended JSON, ttl ms, prefix.
   // Ends a session unless another instance owns it now (then 0: it lives on there).
   agentSessionsEnd: {
     keys: 4,
     lua: `
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if owner and owner ~= '' and owner ~= ARGV[1] then return 0 end
+local client = redis.call('HGET', KEYS[1], 'client')
+if client and client ~= '' then redis.call('SREM', ARGV[5] .. 'client:' .. client, ARGV[2]) end
 redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[2])
 redis.call('SREM', KEYS[3], ARGV[2])
@@ -120,6 +126,8 @@ local last = tonumber(redis.call('HGET', KEYS[1], 'lastActivity'))
 local idle = tonumber(redis.call('HGET', KEYS[1], 'idleTimeoutMs'))
 local now = tonumber(ARGV[3])
 if last == nil or idle == nil or last + idle > now then return 0 end
+local client = redis.call('HGET', KEYS[1], 'client')
+if client and client ~= '' then redis.call('SREM', ARGV[1] .. 'client:' .. client, ARGV[2]) end
 redis.call('DEL', KEYS[1])
 if owner ~= '' then redis.call('SREM', ARGV[1] .. 'owned:' .. owner, ARGV[2]) end
 redis.call('SREM', KEYS[3], ARGV[2])
