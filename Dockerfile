@@ -6,8 +6,10 @@
 #   scripts/image/build.sh                                          (offline, on a machine without Docker Hub)
 #
 # Run it as the README's "Container image" section says: named volumes for
-# /workspace and /state, API_TOKEN, a stop timeout of 30 s (Docker's 10 s
-# equals the server's own graceful-close limit, KILL_GRACE + 5 s).
+# /workspace, /state and /home/agent, the token as a secret file
+# (API_TOKEN_FILE), the capabilities SETUID, SETGID and KILL kept (the
+# service needs them to run the agent as its own user), a stop timeout of
+# 30 s (Docker's 10 s equals the server's own graceful-close limit, KILL_GRACE + 5 s).
 
 ARG NODE_VERSION=26
 ARG NODE_IMAGE=node:${NODE_VERSION}-bookworm-slim
@@ -42,7 +44,12 @@ RUN npm ci --omit=dev --ignore-scripts --no-audit --no-fund \
 #                                      linux x64 build, pass both arguments for another version or arm64)
 #   AGENT_INSTALL=npm:<pkg>@<version>  an ACP agent from the npm registry, exact version
 #   AGENT_INSTALL=simulator            the bundled cursor-agent simulator (tests, trying it out)
-# Every entry point lands in /opt/agent/bin, which is on PATH.
+# Every entry point lands in /opt/agent/bin, which is on PATH. Cursor's CLI
+# runs on the Node build its package bundles; an npm agent and the simulator
+# get a Node of their own (/opt/agent/bin/node): the service's node carries
+# file capabilities, so the agent's user must never execute it (see below).
+# The simulator keeps its chats under the agent's HOME, as cursor-agent does
+# (~/.cursor), so a volume there keeps them across restarts.
 FROM ${NODE_IMAGE} AS agent
 SHELL ["/bin/bash", "-o", "pipefail", "-euc"]
 ARG AGENT_INSTALL=cursor
@@ -65,9 +72,14 @@ RUN mkdir -p /opt/agent/bin; \
           || { echo "AGENT_INSTALL=npm:<package>@<version> needs an exact version; got '$AGENT_INSTALL'" >&2; exit 1; }; \
         mkdir /opt/agent/npm; cd /opt/agent/npm; echo '{"private":true}' > package.json; \
         npm install --omit=dev --no-audit --no-fund --no-package-lock "${AGENT_INSTALL#npm:}"; \
-        for bin in /opt/agent/npm/node_modules/.bin/*; do ln -s "../npm/node_modules/.bin/${bin##*/}" /opt/agent/bin/; done ;; \
+        for bin in /opt/agent/npm/node_modules/.bin/*; do ln -s "../npm/node_modules/.bin/${bin##*/}" /opt/agent/bin/; done; \
+        install -m 0755 /usr/local/bin/node /opt/agent/bin/node ;; \
       simulator) \
-        install -m 0755 /tmp/simulator.mjs /opt/agent/simulator.mjs; ln -s ../simulator.mjs /opt/agent/bin/cursor-agent ;; \
+        install -m 0755 /tmp/simulator.mjs /opt/agent/simulator.mjs; install -m 0755 /usr/local/bin/node /opt/agent/bin/node; \
+        printf '%s\n' '#!/bin/sh' \
+          'export FAKE_AGENT_STATE_DIR="${FAKE_AGENT_STATE_DIR:-${HOME:-/tmp}/.fake-cursor-agent}"' \
+          'exec /opt/agent/bin/node /opt/agent/simulator.mjs "$@"' > /opt/agent/bin/cursor-agent; \
+        chmod 0755 /opt/agent/bin/cursor-agent ;; \
       *) \
         echo "AGENT_INSTALL must be cursor, npm:<package>@<exact version> or simulator; got '$AGENT_INSTALL'" >&2; exit 1 ;; \
     esac; \
@@ -80,12 +92,16 @@ FROM ${DEBIAN_IMAGE} AS runtime
 SHELL ["/bin/bash", "-o", "pipefail", "-euc"]
 # tini as PID 1: forwards SIGTERM to node and reaps the agents' orphans.
 # libatomic1: Node 25 and later need it. ca-certificates: the agent's HTTPS.
-# git: the agent reads and edits repositories.
-# Users: node (1000) runs the service; agent (1001) is for agent processes
+# git: the agent reads and edits repositories. libcap2-bin: setcap (below).
+# Users: node (1000) runs the service; agent (1001) runs every agent process
 # (AGENT_USER). The application is root's and read-only to node, unreadable
-# to agent; /workspace is the agent's; /state is the service's alone.
+# to agent; /workspace is the agent's (node, in group agent, manages it);
+# /state is the service's alone; /home/agent is the agent's HOME (its login
+# and its own conversation storage).
+# No setuid or setgid programs: an agent running one (su, mount, passwd, ...)
+# would run code as root with the capabilities the container keeps.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends tini libatomic1 ca-certificates git \
+ && apt-get install -y --no-install-recommends tini libatomic1 ca-certificates git libcap2-bin \
  && apt-get clean && rm -rf /var/lib/apt/lists/* /var/log/apt /var/log/dpkg.log \
  && groupadd --gid 1000 node && useradd --uid 1000 --gid node --shell /usr/sbin/nologin --create-home node \
  && groupadd --gid 1001 agent && useradd --uid 1001 --gid agent --shell /bin/bash --create-home agent \
@@ -93,20 +109,40 @@ RUN apt-get update \
  && chmod 0750 /home/node /home/agent \
  && install -d -o root -g node -m 0750 /app \
  && install -d -o agent -g agent -m 2770 /workspace \
- && install -d -o node -g node -m 0700 /state
-COPY --from=node /usr/local/bin/node /usr/local/bin/node
+ && install -d -o node -g node -m 0700 /state \
+ && find / -xdev -type f -perm /6000 -exec chmod ug-s {} +
+# The service's node carries SETUID, SETGID and KILL as file capabilities: a
+# non-root service gets them when it starts (to run agents as AGENT_USER and
+# signal their process groups); the agents it starts hold none (a non-root
+# exec() of a program without file capabilities keeps only ambient ones,
+# which exec()ing this node has cleared, and the service refuses to hold).
+# Any user who executes this file gains them, so it is 0750 root:node: the
+# agent's user cannot execute (or read) it. Copied and marked in one step, so
+# the image holds one copy of it.
+RUN --mount=type=bind,from=node,source=/usr/local/bin/node,target=/tmp/node \
+    install -o root -g node -m 0750 /tmp/node /usr/local/bin/node \
+ && setcap cap_setuid,cap_setgid,cap_kill=ep /usr/local/bin/node \
+ && [ "$(getcap /usr/local/bin/node)" = '/usr/local/bin/node cap_kill,cap_setgid,cap_setuid=ep' ]
 COPY --from=agent /opt/agent /opt/agent
 # WORKDIR exists already (root's): BuildKit would create a missing one owned by the current user.
 WORKDIR /app
 COPY --chown=root:node package.json ./
 COPY --chown=root:node --from=deps /src/node_modules ./node_modules
 COPY --chown=root:node --from=build /src/dist ./dist
-COPY --chown=root:node scripts/image/healthcheck.mjs ./healthcheck.mjs
+COPY --chown=root:node --chmod=0750 scripts/image/healthcheck.mjs scripts/image/start.sh ./
+# What the agent could gain from the image: no setuid or setgid file, and no
+# file capabilities but the service's node's (the agent stage included).
+RUN [ -z "$(find / -xdev -type f -perm /6000)" ] \
+ && [ "$(find / -xdev -type f -print0 | xargs -0 getcap)" = '/usr/local/bin/node cap_kill,cap_setgid,cap_setuid=ep' ]
 
+# The agent's PATH is the service's: /opt/agent/bin (with the agent's own
+# node, when it has one) comes first; the service's node is named by its path.
 ENV NODE_ENV=production \
     HOST=0.0.0.0 \
     PORT=3000 \
     WORKSPACE_DIR=/workspace \
+    STATE_DIR=/state \
+    AGENT_USER=agent \
     PATH=/opt/agent/bin:$PATH
 
 USER node
@@ -114,6 +150,8 @@ EXPOSE 3000
 # Readiness at the address the server listens on (HOST, PORT): unhealthy while
 # the agent does not answer or the server shuts down.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-  CMD ["node", "/app/healthcheck.mjs"]
-ENTRYPOINT ["/usr/bin/tini", "--"]
-CMD ["node", "dist/server.js"]
+  CMD ["/usr/local/bin/node", "/app/healthcheck.mjs"]
+# start.sh says why when the container lacks SETUID, SETGID or KILL (the kernel
+# would refuse to run the service's node with a bare EPERM), then execs the command.
+ENTRYPOINT ["/usr/bin/tini", "--", "/app/start.sh"]
+CMD ["/usr/local/bin/node", "dist/server.js"]

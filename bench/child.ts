@@ -9,7 +9,10 @@ const BENCHMARKS: Record<string, () => Promise<{ run: () => Promise<BenchResult>
   teardown: async () => await import('./teardown.js'),
   reaper: async () => await import('./reaper.js'),
   memory: async () => await import('./memory.js'),
-  precision: async () => await import('./precision.js')
+  precision: async () => await import('./precision.js'),
+  acp: async () => await import('./acp.js'),
+  'sse-fanout': async () => await import('./sse-fanout.js'),
+  durability: async () => await import('./durability.js')
 }
 
 const name = process.argv[2] ?? ''

@@ -39,7 +39,7 @@ export const BENCH_DIR = fileURLToPath(new URL('.', import.meta.url))
 export const QUICK = process.argv.includes('--quick') || process.env.BENCH_QUICK === '1'
 
 /** The benchmarks bench/run.ts runs, in order. */
-export const BENCHMARKS = ['heartbeat', 'ask', 'teardown', 'reaper', 'memory', 'precision'] as const
+export const BENCHMARKS = ['heartbeat', 'ask', 'teardown', 'reaper', 'memory', 'precision', 'acp', 'sse-fanout', 'durability'] as const
 
 /**
  * How long one quick-mode benchmark may run before bench/run.ts gives up on
@@ -456,6 +456,8 @@ export interface ProcessServerOptions {
   sessions: number
   /** Simulator state dir of the standalone server's sessions (bench/run.ts checks its pids). */
   stateDir: string
+  /** STATE_DIR, the server's session store: on by default as for users, in `<stateDir>/store` (never the user's own); `off` for none. */
+  storeDir?: string
   /** Extra node flags (BENCH_SERVER_FLAGS: --cpu-prof ...). */
   nodeFlags?: string[]
   /** Another build's server.js (an A/B of two builds); dist/server.js, built if stale, by default. */
@@ -484,7 +486,10 @@ export async function startStandalone (options: ProcessServerOptions): Promise<P
       HOST: '127.0.0.1',
       LOG_LEVEL: options.logLevel,
       CURSOR_AGENT_BIN: SIMULATOR,
-      FAKE_AGENT_STATE_DIR: options.stateDir
+      FAKE_AGENT_STATE_DIR: options.stateDir,
+      // The agent's environment is an allow-list.
+      AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR',
+      STATE_DIR: options.storeDir ?? join(options.stateDir, 'store')
     }),
     stdio: ['ignore', devNull, 'inherit']
   })

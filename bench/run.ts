@@ -24,7 +24,9 @@ const selected = onlyArg === undefined ? [...ALL] : onlyArg.slice('--only='.leng
 const TIMEOUT_MS = QUICK ? QUICK_BENCH_TIMEOUT_MS : 150_000
 // The heartbeat starts four to six servers (two of them start sessions through
 // the simulator), then runs 72 rounds of 1.5 s.
-const TIMEOUT_MS_OF: Record<string, number> = QUICK ? {} : { heartbeat: 300_000 }
+// acp starts the real agents several times (gemini: 10-35 s each on a busy
+// machine); sse-fanout runs four rounds of 1,000 streams.
+const TIMEOUT_MS_OF: Record<string, number> = QUICK ? {} : { heartbeat: 300_000, acp: 1_200_000, 'sse-fanout': 300_000 }
 
 interface Failure { name: string, error: string }
 

@@ -7,7 +7,7 @@ import { isIP, isIPv4, isIPv6 } from 'node:net'
 import { totalmem } from 'node:os'
 import { resolve } from 'node:path'
 import { parse as parseShellWords, quote as quoteShellWords } from 'shell-quote'
-import { resolveAgentUser, switchUserProblem, workspaceAccessProblem, type AgentUser } from './processes/agent-user.js'
+import { capabilityLeakProblem, resolveAgentUser, switchUserProblem, workspaceAccessProblem, type AgentUser } from './processes/agent-user.js'
 
 type Kind = 'duration' | 'integer' | 'string' | 'boolean' | 'signal' | 'list' | 'command'
 
@@ -547,7 +547,12 @@ function checkAgentUser (spec: string, workspaceDir: string): AgentUser {
   const cannotSwitch = switchUserProblem(user)
   if (cannotSwitch !== undefined) {
     throw new ConfigError(`Invalid configuration: AGENT_USER=${spec} (option agentUser): ${cannotSwitch}. ` +
-      'Run the service as root, or grant it the SETUID, SETGID and KILL capabilities, or unset AGENT_USER.')
+      'Run the service as root, or grant it the SETUID, SETGID and KILL capabilities, or unset AGENT_USER ' +
+      '(the container image: keep those three capabilities and allow privilege escalation, as the README\'s Container image section says).')
+  }
+  const leak = capabilityLeakProblem(user)
+  if (leak !== undefined) {
+    throw new ConfigError(`Invalid configuration: AGENT_USER=${spec} (option agentUser): ${leak}.`)
   }
   const cannotEnter = workspaceAccessProblem(user, workspaceDir)
   if (cannotEnter !== undefined) {

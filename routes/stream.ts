@@ -95,6 +95,8 @@ export class EventWriter {
   #done = false
   readonly #finished: Promise<void>
   #resolveFinished!: () => void
+  /** Ends the pump's wait for the event being sent (the stream is done). */
+  #wakePump: (() => void) | null = null
 
   constructor (reply: FastifyReply, options: { maxBufferedBytes: number, log: FastifyBaseLogger }) {
     this.#reply = reply
@@ -139,8 +141,14 @@ export class EventWriter {
       while (this.#queue.length > 0 && !this.#done) {
         const message = this.#queue.shift() as SseMessage
         this.#queuedBytes -= message.data.length + message.event.length + (message.id?.length ?? 0) + 16
-        // A consumer that went away never drains: stop waiting when the stream is done.
-        await Promise.race([this.#reply.sse.send(message), this.#finished])
+        // A consumer that went away never drains: #finish() wakes the wait. Not
+        // Promise.race with #finished: every race would leave a reaction on that
+        // long-pending promise, hundreds of bytes per event for the stream's life.
+        await new Promise<void>((resolve, reject) => {
+          this.#wakePump = resolve
+          this.#reply.sse.send(message).then(resolve, reject)
+        })
+        this.#wakePump = null
       }
     } catch (err) {
       this.#log.debug({ err }, 'event stream write failed')
@@ -168,5 +176,6 @@ export class EventWriter {
     if (this.#done) return
     this.#done = true
     this.#resolveFinished()
+    this.#wakePump?.()
   }
 }

@@ -255,7 +255,8 @@ t.test('end, reap and shutdown of agents that ignore SIGTERM and spawn grandchil
   // Only the session that must be reaped has a short idle timeout: the others start one by one, seconds apart on a busy machine.
   const app = await acpApp(t, box, { faults: 'ignore-sigterm,grandchild', killGrace: '500ms', cleanupInterval: '100ms' })
   const ended = await startSession(app)
-  const reaped = await startSession(app)
+  // Through the manager: the API's shortest idle timeout is 10 s.
+  const reaped = (await app.agentSessions.create({ idleTimeoutMs: 1000 })).id
   t.equal((await app.inject({ method: 'POST', url: `/api/session/end?session_id=${ended}` })).statusCode, 200, 'ended by the client')
   await waitFor(() => app.agentSessions.endedReason(reaped) === 'expired', 'the idle session was reaped')
   await startSession(app)

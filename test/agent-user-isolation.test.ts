@@ -7,8 +7,7 @@ import { chmodSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, 
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { resolveAgentUser } from '../lib/processes/agent-user.js'
-import { SIMULATOR } from './helpers/index.js'
-import { needsRoot, NOBODY, SERVER, sharedDir, sharedSandbox, startServer } from './helpers/agent-user.js'
+import { needsRoot, NOBODY, SERVER, sharedDir, sharedSandbox, simulatorForAgentUser, startServer } from './helpers/agent-user.js'
 
 // A cursor-agent that first probes what it can reach, then is the simulator.
 // Every probe notes how it went: "readable", or the shell's error message.
@@ -33,7 +32,7 @@ try () { if err=$("$@" 2>&1 >/dev/null); then echo readable; else echo "denied: 
 } > "$out.txt" 2>&1
 cat "${tokenFile}" > "$out.token" 2>/dev/null
 tr '\\0' '\\n' < /proc/$PPID/environ > "$out.environ" 2>/dev/null
-exec "${process.execPath}" "${SIMULATOR}" "$@"
+exec "${process.execPath}" "${simulatorForAgentUser(t)}" "$@"
 `, { mode: 0o755 })
   return bin
 }

@@ -8,12 +8,12 @@ import { existsSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { isProcessAlive } from '../lib/processes/terminate.js'
-import { ROOT, SIMULATOR, build, waitFor, waitForGone } from './helpers/index.js'
-import { cleanEnv, needsRoot, NOBODY, SERVER, sharedSandbox, startServer, STRANGER_UID, uidOf } from './helpers/agent-user.js'
+import { ROOT, build, waitFor, waitForGone } from './helpers/index.js'
+import { checkoutOutOfReach, cleanEnv, needsRoot, NOBODY, SERVER, sharedDir, sharedSandbox, simulatorForAgentUser, startServer, STRANGER_UID, uidOf } from './helpers/agent-user.js'
 
 t.test('as root: an AGENT_USER agent that ignores SIGTERM is still torn down, with its grandchild', { skip: needsRoot }, async (t) => {
   const box = sharedSandbox(t)
-  const app = await build(t, box, { agentUser: 'nobody', killGrace: '1s' })
+  const app = await build(t, box, { agentUser: 'nobody', killGrace: '1s', workspaceDir: sharedDir(t, 'agent-sessions-workspace-'), cursorAgentBin: simulatorForAgentUser(t) })
   t.equal(app.agentSessionsConfig.agentUser?.uid, NOBODY!.uid)
   const start = await app.inject({ method: 'POST', url: '/api/session/start' })
   t.equal(start.statusCode, 200, start.body)
@@ -33,7 +33,7 @@ t.test('as root: a second signal kills AGENT_USER agents at once', { skip: needs
   if (!existsSync(SERVER)) throw new Error('dist/server.js is missing: run `npm run build` (npm test does)')
   const box = sharedSandbox(t)
   const server = await startServer(t, {
-    AGENT_USER: 'nobody', KILL_GRACE: '60s', CURSOR_AGENT_BIN: SIMULATOR, FAKE_AGENT_STATE_DIR: box.stateDir, AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR'
+    AGENT_USER: 'nobody', KILL_GRACE: '60s', CURSOR_AGENT_BIN: simulatorForAgentUser(t), FAKE_AGENT_STATE_DIR: box.stateDir, AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR'
   })
   const start = await fetch(`${server.url}/api/session/start`, { method: 'POST' })
   const id = ((await start.json()) as { session_id: string }).session_id
@@ -59,6 +59,8 @@ t.test('as root: from a process that may not signal another user\'s group, the g
     m.trackGroup(${group.pid}); out.killedNow = m.killTrackedGroupsNow()
     try { await m.terminateProcessGroup(${group.pid}, { graceMs: 100 }); out.ladder = 'done' } catch (err) { out.ladder = err.code }
     console.log(JSON.stringify(out))`
+  const unreachable = checkoutOutOfReach(STRANGER_UID, STRANGER_UID)
+  if (unreachable !== undefined) return t.comment(`the checkout is out of reach of uid ${STRANGER_UID} (${unreachable}): not run`)
   const tsx = join(ROOT, 'node_modules', 'tsx', 'dist', 'esm', 'index.mjs')
   const out = execFileSync(process.execPath, ['--import', tsx, '--input-type=module', '-e', script],
     { cwd: ROOT, env: cleanEnv({ HOME: tmpdir() }), uid: STRANGER_UID, gid: STRANGER_UID, encoding: 'utf8', timeout: 60_000 })

@@ -11,12 +11,12 @@
 
 import t, { type Test } from 'tap'
 import { execFileSync } from 'node:child_process'
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { resolveAgentUser, switchUserProblem, workspaceAccessProblem } from '../lib/processes/agent-user.js'
+import { capabilityLeakProblem, resolveAgentUser, switchUserProblem, workspaceAccessProblem } from '../lib/processes/agent-user.js'
 import { SIMULATOR, build } from './helpers/index.js'
-import { needsRoot, NOBODY, refusedStart, SERVER, sharedSandbox, STRANGER_UID } from './helpers/agent-user.js'
+import { checkoutOutOfReach, needsRoot, NOBODY, refusedStart, SERVER, sharedSandbox, STRANGER_UID } from './helpers/agent-user.js'
 
 // (What the agent can reach, and teardown across users: test/agent-user-isolation.test.ts, test/agent-user-teardown.test.ts.)
 
@@ -48,9 +48,39 @@ t.test('switching users needs CAP_SETUID, CAP_SETGID and CAP_KILL (read from Cap
   t.match(switchUserProblem(user, status('0000000000000000')), /lacks CAP_SETUID, CAP_SETGID, CAP_KILL \(CapEff 0000000000000000/)
   t.match(switchUserProblem(user, status('00000000000000c0')), /lacks CAP_KILL\b/)
   t.match(switchUserProblem(user, status('00000000000000a0')), /lacks CAP_SETGID\b/)
+  t.notMatch(switchUserProblem(user, status('0000000000000000')), /no_new_privs/)
+  t.match(switchUserProblem(user, `${status('0000000000000000')}NoNewPrivs:\t1\n`),
+    /lacks CAP_SETUID, CAP_SETGID, CAP_KILL .*; no_new_privs is set \(NoNewPrivs 1: Kubernetes' allowPrivilegeEscalation: false, --security-opt no-new-privileges\), which makes the kernel ignore file capabilities/,
+    'no_new_privs named: it is why file capabilities did not apply')
   if (process.getuid?.() !== 0) {
     t.match(switchUserProblem(user, status('00000000000000e0', '00000000000000e0')), /ambient capabilities/, 'a non-root service with ambient capabilities')
   }
+})
+
+t.test('a non-root service holding capabilities through its program\'s file capabilities: the agent user must not be able to execute that program', async (t) => {
+  const base = mkdtempSync(join(tmpdir(), 'agent-sessions-caps-'))
+  t.after(() => rmSync(base, { recursive: true, force: true }))
+  chmodSync(base, 0o755)
+  const program = join(base, 'node')
+  writeFileSync(program, '')
+  const agent = { uid: STRANGER_UID, gid: STRANGER_UID, name: 'agent' }
+  const status = (prm: string, eff = prm): string => `Name:\tnode\nCapPrm:\t${prm}\nCapEff:\t${eff}\nCapAmb:\t0000000000000000\n`
+  const service = { execPath: program, euid: 1000, status: status('00000000000000e0') }
+  chmodSync(program, 0o755)
+  t.match(capabilityLeakProblem(agent, service),
+    new RegExp(`^${program} gives its capabilities \\(CapPrm 00000000000000e0, file capabilities\\) to whoever runs it, and agent can execute it \\(mode 0755, owner \\d+:\\d+\\)`))
+  t.equal(capabilityLeakProblem(agent, { ...service, status: status('0000000000000000') }), undefined, 'no capabilities: nothing to gain')
+  t.equal(capabilityLeakProblem(agent, { ...service, euid: 0 }), undefined, 'root: its capabilities are its uid\'s, lost on becoming the agent user')
+  chmodSync(program, 0o750)
+  t.equal(capabilityLeakProblem(agent, service), undefined, 'mode 0750, not the agent\'s group: it cannot execute it')
+  t.match(capabilityLeakProblem({ ...agent, gid: statSync(program).gid }, service), /can execute it \(mode 0750/, 'unless it is the program\'s group')
+  chmodSync(program, 0o755)
+  chmodSync(base, 0o700)
+  t.equal(capabilityLeakProblem(agent, service), undefined, 'nor through a directory it cannot enter')
+  chmodSync(base, 0o755)
+  const link = join(base, 'node-link')
+  symlinkSync(program, link)
+  t.match(capabilityLeakProblem(agent, { ...service, execPath: link }), new RegExp(`^${program} gives`), 'the program behind a symlink')
 })
 
 t.test('WORKSPACE_DIR must be enterable and listable by the agent user', async (t) => {
@@ -84,12 +114,18 @@ t.test('as root: a WORKSPACE_DIR the agent user cannot enter stops start-up, nam
 t.test('as root: the server refuses AGENT_USER when it cannot switch users and signal them', { skip: needsRoot }, async (t) => {
   if (!existsSync(SERVER)) throw new Error('dist/server.js is missing: run `npm run build` (npm test does)')
   const env = { AGENT_USER: String(STRANGER_UID + 1), CURSOR_AGENT_BIN: SIMULATOR, WORKSPACE_DIR: tmpdir() }
-  // Not root: no capabilities at all.
-  const asNobody = await refusedStart([process.execPath, SERVER], env, NOBODY!.uid)
-  t.equal(asNobody.code, 1, asNobody.output)
-  t.match(asNobody.output, /AGENT_USER=\d+ \(option agentUser\): the service cannot run processes as uid \d+ and signal them: it lacks CAP_SETUID, CAP_SETGID, CAP_KILL/)
-  t.match(asNobody.output, /Run the service as root, or grant it the SETUID, SETGID and KILL capabilities, or unset AGENT_USER/)
-  t.notMatch(asNobody.output, /Server listening/)
+  // Not root: no capabilities at all. The server runs from this checkout, so nobody must reach it
+  // (a checkout under a directory only root enters, as `mktemp -d` makes, cannot run as nobody).
+  const unreachable = checkoutOutOfReach(NOBODY!.uid, NOBODY!.gid)
+  if (unreachable !== undefined) {
+    t.comment(`the checkout is out of nobody's reach (${unreachable}): the not-root case was not run`)
+  } else {
+    const asNobody = await refusedStart([process.execPath, SERVER], env, NOBODY!.uid)
+    t.equal(asNobody.code, 1, asNobody.output)
+    t.match(asNobody.output, /AGENT_USER=\d+ \(option agentUser\): the service cannot run processes as uid \d+ and signal them: it lacks CAP_SETUID, CAP_SETGID, CAP_KILL/)
+    t.match(asNobody.output, /Run the service as root, or grant it the SETUID, SETGID and KILL capabilities, or unset AGENT_USER/)
+    t.notMatch(asNobody.output, /Server listening/)
+  }
 
   let setpriv = true
   try { execFileSync('setpriv', ['--help'], { stdio: 'ignore' }) } catch { setpriv = false }
@@ -101,6 +137,8 @@ t.test('as root: the server refuses AGENT_USER when it cannot switch users and s
   const noKill = await refusedStart(['setpriv', '--bounding-set', '-kill', process.execPath, SERVER], env)
   t.match(noKill.output, /it lacks CAP_KILL \(/, 'root that may switch users but not signal them is refused')
   // Not root, with the capabilities as ambient ones: the agent would inherit them.
+  const strangerCannotReach = checkoutOutOfReach(STRANGER_UID, STRANGER_UID)
+  if (strangerCannotReach !== undefined) return t.comment(`the checkout is out of reach of uid ${STRANGER_UID} (${strangerCannotReach}): the ambient case was not run`)
   const ambient = await refusedStart(['setpriv', '--reuid', String(STRANGER_UID), '--regid', String(STRANGER_UID), '--clear-groups',
     '--inh-caps', '+setuid,+setgid,+kill', '--ambient-caps', '+setuid,+setgid,+kill', process.execPath, SERVER], env)
   t.equal(ambient.code, 1, ambient.output)

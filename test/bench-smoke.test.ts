@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { ROOT } from './helpers/index.js'
 import { BENCHMARKS, QUICK_BENCH_TIMEOUT_MS } from '../bench/lib.js'
+import { cleanEnv } from './helpers/server-process.js'
 
 // bench/run.ts gives up on a benchmark after QUICK_BENCH_TIMEOUT_MS and reports
 // it: past all of them (and a margin for run.ts itself) it hangs. Quick mode
@@ -16,14 +17,6 @@ import { BENCHMARKS, QUICK_BENCH_TIMEOUT_MS } from '../bench/lib.js'
 const RUN_BOUND_MS = BENCHMARKS.length * QUICK_BENCH_TIMEOUT_MS + 120_000
 t.setTimeout(RUN_BOUND_MS + 60_000)
 
-// The benchmark processes must not inherit tap's loader hooks.
-function cleanEnv (extra: Record<string, string>): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {}
-  for (const [key, value] of Object.entries(process.env)) {
-    if (key !== 'NODE_OPTIONS' && !key.startsWith('TAP') && !key.startsWith('_TAPJS')) env[key] = value
-  }
-  return { ...env, ...extra }
-}
 
 // Longer than the runner's default for a test file: the killer below decides.
 t.setTimeout(450_000)

@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
 import { agentWrapper, ROOT, RUN_SIMULATOR_QUICK_VERSION, SIMULATOR, sandbox, waitForGone } from './helpers/index.js'
-import { SERVICE_ENV_NAMES } from '../lib/config.js'
+import { cleanEnv as cleanChildEnv } from './helpers/server-process.js'
 
 const run = promisify(execFile)
 // Deadlines only turn a hang into a failure. On a loaded 2-core machine Node.js
@@ -20,15 +20,11 @@ const run = promisify(execFile)
 const NODE_DEADLINE_MS = 300_000
 const TOOL_DEADLINE_MS = 600_000
 
-/** The environment of a fresh shell: no npm_* from `npm test`, no tap loader, none of the service's settings. */
+/** The environment of a fresh shell: the shared clean one, without npm_* from `npm test`. */
 function cleanEnv (extra: Record<string, string> = {}): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {}
-  for (const [key, value] of Object.entries(process.env)) {
-    if (/^npm_/i.test(key) || key === 'NODE_OPTIONS' || key.startsWith('TAP') || key.startsWith('_TAPJS')) continue
-    if (SERVICE_ENV_NAMES.includes(key)) continue
-    env[key] = value
-  }
-  return { ...env, ...extra }
+  const env = cleanChildEnv(extra)
+  for (const key of Object.keys(env)) if (/^npm_/i.test(key) && !(key in extra)) delete env[key]
+  return env
 }
 
 interface PackedFile { path: string }

@@ -8,8 +8,8 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSyn
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
-import { SERVICE_ENV_NAMES } from '../lib/config.js'
 import { agentWrapper, ROOT, RUN_SIMULATOR_QUICK_VERSION, sandbox, waitFor, waitForGone } from './helpers/index.js'
+import { cleanEnv } from './helpers/server-process.js'
 
 const run = promisify(execFile)
 // Only turn a hang into a failure: on a loaded machine tsc, and Node.js loading
@@ -25,15 +25,6 @@ function codeAfter (heading: string): string {
   return found[1]
 }
 
-/** A fresh shell's environment: no tap loader, none of the service's settings. */
-function cleanEnv (extra: Record<string, string>): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {}
-  for (const [key, value] of Object.entries(process.env)) {
-    if (key === 'NODE_OPTIONS' || key.startsWith('TAP') || key.startsWith('_TAPJS') || SERVICE_ENV_NAMES.includes(key)) continue
-    env[key] = value
-  }
-  return { ...env, ...extra }
-}
 
 t.test('the embed example type-checks and runs as written', async (t) => {
   const box = sandbox(t)

@@ -9,18 +9,10 @@ import { connect, type Socket } from 'node:net'
 import { existsSync } from 'node:fs'
 import { join } from 'node:path'
 import { ROOT, SIMULATOR, sandbox, waitFor } from './helpers/index.js'
+import { cleanEnv } from './helpers/server-process.js'
 
 const SERVER = join(ROOT, 'dist', 'server.js')
 
-// The server must not inherit tap's loader hooks, nor settings from whoever runs the tests.
-function cleanEnv (extra: Record<string, string>): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {}
-  for (const [key, value] of Object.entries(process.env)) {
-    if (key === 'NODE_OPTIONS' || key.startsWith('TAP') || key.startsWith('_TAPJS') || key.startsWith('API_TOKEN') || key === 'TRUST_PROXY') continue
-    env[key] = value
-  }
-  return { ...env, ...extra }
-}
 
 interface Server { proc: ChildProcess, url: string, port: number, logs: string[] }
 

@@ -11,22 +11,13 @@ import { spawn } from 'node:child_process'
 import { join } from 'node:path'
 import { isLoopbackHost, exposureError } from '../lib/config.js'
 import { ROOT, SIMULATOR, sandbox } from './helpers/index.js'
+import { cleanEnv } from './helpers/server-process.js'
 
 const SERVER = join(ROOT, 'dist', 'server.js')
 const UNROUTABLE = '192.0.2.1'
 
 interface Run { code: number | null, signal: NodeJS.Signals | null, output: string, listening: boolean }
 
-// The child must not inherit tap's loader hooks, nor a token or opt-out from the environment running the tests.
-function cleanEnv (extra: Record<string, string>): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {}
-  for (const [key, value] of Object.entries(process.env)) {
-    if (key === 'NODE_OPTIONS' || key.startsWith('TAP') || key.startsWith('_TAPJS')) continue
-    if (key === 'API_TOKEN' || key === 'ALLOW_UNAUTHENTICATED_NON_LOOPBACK' || key === 'HOST') continue
-    env[key] = value
-  }
-  return { ...env, ...extra }
-}
 
 /** Runs the server; stops it with SIGTERM once it listens. */
 function runServer (stateDir: string, env: Record<string, string>): Promise<Run> {

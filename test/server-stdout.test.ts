@@ -9,18 +9,10 @@ import { existsSync } from 'node:fs'
 import { join } from 'node:path'
 import { isProcessAlive } from '../lib/processes/terminate.js'
 import { ROOT, SIMULATOR, sandbox, waitFor, waitForGone } from './helpers/index.js'
+import { cleanEnv } from './helpers/server-process.js'
 
 const SERVER = join(ROOT, 'dist', 'server.js')
 
-// The server must not inherit tap's loader hooks, nor a token from whoever runs the tests.
-function cleanEnv (extra: Record<string, string>): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {}
-  for (const [key, value] of Object.entries(process.env)) {
-    if (key === 'NODE_OPTIONS' || key.startsWith('TAP') || key.startsWith('_TAPJS') || key.startsWith('API_TOKEN')) continue
-    env[key] = value
-  }
-  return { ...env, ...extra }
-}
 
 t.before(() => {
   if (!existsSync(SERVER)) throw new Error('dist/server.js is missing: run `npm run build` (npm test does)')

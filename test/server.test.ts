@@ -2,73 +2,16 @@
 // turns, and a bad configuration. `npm test` builds dist/ before tap runs.
 
 import t from 'tap'
-import { spawn, type ChildProcess } from 'node:child_process'
+import { spawn } from 'node:child_process'
 import { existsSync } from 'node:fs'
 import { join } from 'node:path'
 import { ROOT, SIMULATOR, sandbox, waitFor, waitForGone, type Sandbox } from './helpers/index.js'
+import { cleanEnv, post, SERVER, startServer as startServerProcess, type ServerProcess } from './helpers/server-process.js'
 
-const SERVER = join(ROOT, 'dist', 'server.js')
-
-// The server's children must not inherit tap's loader hooks.
-function cleanEnv (extra: Record<string, string>): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {}
-  for (const [key, value] of Object.entries(process.env)) {
-    if (key !== 'NODE_OPTIONS' && !key.startsWith('TAP') && !key.startsWith('_TAPJS')) env[key] = value
-  }
-  return { ...env, ...extra }
-}
-
-interface Server {
-  proc: ChildProcess
-  url: string
-  logs: Array<Record<string, unknown>>
-  exited: Promise<{ code: number | null, signal: NodeJS.Signals | null, at: number }>
-}
-
-async function startServer (t: { after: (fn: () => unknown) => void }, box: Sandbox, env: Record<string, string> = {}): Promise<Server> {
-  const proc = spawn(process.execPath, [SERVER], {
-    cwd: ROOT,
-    env: cleanEnv({
-      PORT: '0',
-      HOST: '127.0.0.1',
-      CURSOR_AGENT_BIN: SIMULATOR,
-      FAKE_AGENT_STATE_DIR: box.stateDir,
-      // The agent's environment is an allow-list: the simulator's state dir must be named.
-      AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR',
-      KILL_GRACE: '1s',
-      LOG_LEVEL: 'info',
-      ...env
-    }),
-    stdio: ['ignore', 'pipe', 'pipe']
-  })
-  t.after(() => { if (proc.exitCode === null) proc.kill('SIGKILL') })
-  const logs: Array<Record<string, unknown>> = []
-  let buffered = ''
-  proc.stdout!.on('data', (chunk: Buffer) => {
-    buffered += String(chunk)
-    let nl: number
-    while ((nl = buffered.indexOf('\n')) !== -1) {
-      const line = buffered.slice(0, nl)
-      buffered = buffered.slice(nl + 1)
-      try { logs.push(JSON.parse(line)) } catch {}
-    }
-  })
-  proc.stderr!.on('data', (chunk: Buffer) => { logs.push({ stderr: String(chunk) }) })
-  const exited = new Promise<{ code: number | null, signal: NodeJS.Signals | null, at: number }>((resolve) => {
-    proc.once('exit', (code, signal) => resolve({ code, signal, at: Date.now() }))
-  })
-  const listening = await waitFor(() => logs.find((l) => typeof l.msg === 'string' && l.msg.startsWith('Server listening at http://127.0.0.1')), 'the server to listen')
-  const url = /http:\/\/127\.0\.0\.1:\d+/.exec(listening.msg as string)![0]
-  return { proc, url, logs, exited }
-}
-
-async function post (url: string, body?: object): Promise<{ status: number, json: Record<string, any>, headers: Headers }> {
-  const res = await fetch(url, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    ...(body === undefined ? {} : { body: JSON.stringify(body) })
-  })
-  return { status: res.status, json: await res.json() as Record<string, any>, headers: res.headers }
+/** The built server on a free port with the simulator as agent, its state in the sandbox. */
+async function startServer (t: { after: (fn: () => unknown) => void }, box: Sandbox, env: Record<string, string> = {}): Promise<ServerProcess> {
+  // The agent's environment is an allow-list: the simulator's state dir must be named.
+  return await startServerProcess(t, { env: { FAKE_AGENT_STATE_DIR: box.stateDir, AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR', ...env } })
 }
 
 t.before(() => {

@@ -9,18 +9,10 @@ import { chmodSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { build, ROOT, sandbox } from './helpers/index.js'
+import { cleanEnv } from './helpers/server-process.js'
 
 const SERVER = join(ROOT, 'dist', 'server.js')
 
-// The server must not inherit tap's loader hooks, nor a token from whoever runs the tests.
-function cleanEnv (extra: Record<string, string>): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {}
-  for (const [key, value] of Object.entries(process.env)) {
-    if (key === 'NODE_OPTIONS' || key.startsWith('TAP') || key.startsWith('_TAPJS') || key.startsWith('API_TOKEN')) continue
-    env[key] = value
-  }
-  return { ...env, ...extra }
-}
 
 const TOKEN = 'file-token-0123456789abcdef'
 

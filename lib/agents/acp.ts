@@ -187,6 +187,8 @@ class AgentProcess {
   #stopping: Promise<TeardownReport> | null = null
   #resolveFinished!: (report: ProcessReport) => void
   #exitListener: ((exit: { code: number | null, signal: NodeJS.Signals | null }) => void) | null = null
+  #exit: { code: number | null, signal: NodeJS.Signals | null } | null = null
+  readonly #exitWatchers = new Set<(exit: { code: number | null, signal: NodeJS.Signals | null }) => void>()
   /** Where session/update notifications of the turn in flight go; null drops them (history replayed by session/load). */
   turn: TurnState | null = null
   #lastUpdateAt = 0
@@ -204,6 +206,7 @@ class AgentProcess {
         this.#running = false
         resolve({ code, signal })
         this.#exitListener?.({ code, signal })
+        this.#notifyExit({ code, signal })
       })
       // A missing or non-executable binary never emits 'exit'.
       void completion.then((r) => {
@@ -211,6 +214,7 @@ class AgentProcess {
         if (this.#running && failure.failed === true && failure.exitCode === undefined) {
           this.#running = false
           resolve({ code: null, signal: null })
+          this.#notifyExit({ code: null, signal: null })
         }
       })
     })
@@ -253,6 +257,31 @@ class AgentProcess {
 
   onExit (listener: (exit: { code: number | null, signal: NodeJS.Signals | null }) => void): void {
     this.#exitListener = listener
+  }
+
+  /**
+   * Calls fn once when the process exits (soon, if it already has); returns
+   * what stops the watch. For what lives shorter than the process (a request,
+   * a turn): a `.then` on `exited` would keep each one reachable, and all it
+   * holds (the turn's text), for as long as the process runs.
+   */
+  whenExited (fn: (exit: { code: number | null, signal: NodeJS.Signals | null }) => void): () => void {
+    const exit = this.#exit
+    if (exit !== null) {
+      queueMicrotask(() => { fn(exit) })
+      return () => {}
+    }
+    this.#exitWatchers.add(fn)
+    return () => { this.#exitWatchers.delete(fn) }
+  }
+
+  #notifyExit (exit: { code: number | null, signal: NodeJS.Signals | null }): void {
+    this.#exit = exit
+    // After the exit listener, as `.then` callbacks on `exited` would run.
+    queueMicrotask(() => {
+      for (const fn of this.#exitWatchers) fn(exit)
+      this.#exitWatchers.clear()
+    })
   }
 
   async initialize (options: OpenOptions): Promise<InitializeResponse> {
@@ -323,14 +352,15 @@ class AgentProcess {
     let timer: NodeJS.Timeout | undefined
     let onAbort: (() => void) | undefined
     let pending = true
+    let stopWatchingExit = (): void => {}
     const failure = new Promise<never>((_resolve, reject) => {
       timer = setTimeout(() => {
         reject(new AgentSessionError('REQUEST_TIMEOUT', `The agent did not answer ${what} within ${options.timeoutMs}ms`))
       }, options.timeoutMs)
       onAbort = () => { reject(signal?.reason) }
       signal?.addEventListener('abort', onAbort, { once: true })
-      void this.exited.then(async (exit) => {
-        if (pending) reject(await this.#exitError(exit, what))
+      stopWatchingExit = this.whenExited((exit) => {
+        void this.#exitError(exit, what).then((err) => { if (pending) reject(err) })
       })
     })
     failure.catch(() => {})
@@ -345,6 +375,7 @@ class AgentProcess {
     } finally {
       pending = false
       clearTimeout(timer)
+      stopWatchingExit()
       if (onAbort !== undefined) signal?.removeEventListener('abort', onAbort)
     }
   }
@@ -638,9 +669,12 @@ class AcpConversation implements AgentConversation {
       finish(new AgentSessionError('PROCESS_COMMUNICATION_FAILED', 'The agent failed to answer the question'))
     })
     // The process dying ends the turn at once, whatever the connection does.
-    void agent.exited.then((exit) => {
+    let agentGone!: () => void
+    const gone = new Promise<void>((resolve) => { agentGone = resolve })
+    const stopWatchingExit = agent.whenExited((exit) => {
       const how = exit.signal !== null ? `was killed by ${exit.signal}` : `exited with code ${String(exit.code)}`
       finish(new AgentSessionError('AGENT_EXITED', `The agent ${how} during the turn`))
+      agentGone()
     })
     const sizeCheck = setInterval(() => {
       if (turn.bytes > this.#options.maxMessageBytes) {
@@ -650,7 +684,9 @@ class AcpConversation implements AgentConversation {
     }, 100)
 
     // The turn is over for the caller at `outcome`; for the process only once the prompt answered or the agent is gone.
-    this.#turnInFlight = Promise.race([answered, agent.finished.then(() => {})]).finally(() => {
+    // Nothing of the turn may stay reachable from the process once it is over (see whenExited).
+    this.#turnInFlight = Promise.race([answered, gone]).finally(() => {
+      stopWatchingExit()
       clearTimeout(forceTimer)
       this.#turnInFlight = null
     })

@@ -117,8 +117,15 @@ export function switchUserProblem (user: AgentUser, statusText?: string): string
   if ((effective >> CAP_SETGID & 1n) === 0n) missing.push('CAP_SETGID')
   if ((effective >> CAP_KILL & 1n) === 0n) missing.push('CAP_KILL')
   if (missing.length > 0) {
+    // no_new_privs makes exec() ignore file capabilities: a non-root service
+    // given them that way (the container image's node) starts without them.
+    const noNewPrivs = /^NoNewPrivs:\s*1$/m.test(status)
     return `the service cannot run processes as ${user.name ?? `uid ${user.uid}`} and signal them: it lacks ${missing.join(', ')} ` +
-      `(CapEff ${effective.toString(16).padStart(16, '0')} in /proc/self/status)`
+      `(CapEff ${effective.toString(16).padStart(16, '0')} in /proc/self/status)` +
+      (noNewPrivs
+        ? '; no_new_privs is set (NoNewPrivs 1: Kubernetes\' allowPrivilegeEscalation: false, --security-opt no-new-privileges), ' +
+          'which makes the kernel ignore file capabilities on the service\'s program'
+        : '')
   }
   // A non-root process keeps its ambient capabilities across setuid() and
   // exec(): the agent would get CAP_SETUID with them and could become the service's user.
@@ -127,6 +134,42 @@ export function switchUserProblem (user: AgentUser, statusText?: string): string
     return `the service has ambient capabilities (CapAmb ${ambient.toString(16).padStart(16, '0')}), which the agent would inherit`
   }
   return undefined
+}
+
+/**
+ * Why the agent could take this service's capabilities for itself, or
+ * undefined. A non-root process holds capabilities after exec() only through
+ * ambient ones (refused by switchUserProblem) or through file capabilities on
+ * the program it runs (setcap on node, as the container image does), and
+ * whoever else executes that program gets them too: so `user` must not be
+ * able to execute this process's own program. Read from the permission bits
+ * (POSIX ACLs are not consulted); root's capabilities are its uid's, not its
+ * program's, and the agent loses them when it becomes another user.
+ */
+export function capabilityLeakProblem (user: AgentUser, options: { execPath?: string, status?: string, euid?: number } = {}): string | undefined {
+  const euid = options.euid ?? process.geteuid?.()
+  if (euid === undefined || euid === 0) return undefined
+  let status = options.status
+  if (status === undefined) {
+    try {
+      status = readFileSync('/proc/self/status', 'utf8')
+    } catch {
+      return undefined
+    }
+  }
+  const held = (capabilities(status, 'CapPrm') ?? 0n) | (capabilities(status, 'CapEff') ?? 0n)
+  if (held === 0n) return undefined
+  const program = options.execPath ?? process.execPath
+  let real: string
+  try {
+    real = realpathSync(program)
+  } catch {
+    return undefined
+  }
+  if (pathProblem(user, real, 1, 'executable') !== undefined) return undefined
+  return `${real} gives its capabilities (CapPrm ${held.toString(16).padStart(16, '0')}, file capabilities) to whoever runs it, and ` +
+    `${user.name ?? `uid ${user.uid}`} can execute it (${permissionsFor(user, real).describe}): the agent would gain them. ` +
+    'Make it unexecutable by that user (mode 0750 with the service\'s group, as the container image does) and give the agent a node of its own'
 }
 
 /** rwx bits `user` gets on a file: owner, else group (the primary one: supplementary groups are dropped), else other. */
@@ -150,17 +193,23 @@ export function workspaceAccessProblem (user: AgentUser, dir: string): string | 
   } catch (err) {
     return `${dir} cannot be resolved (${(err as NodeJS.ErrnoException).code ?? String(err)})`
   }
+  return pathProblem(user, real, 5, 'readable and searchable')
+}
+
+/** Why `user` lacks the permission bits `needs` (4 r, 2 w, 1 x: `what`) on the resolved path `real`, or cannot reach it; undefined when it has them. */
+function pathProblem (user: AgentUser, real: string, needs: number, what: string): string | undefined {
   const chain: string[] = []
-  for (let d = real; ; d = dirname(d)) {
+  for (let d = dirname(real); ; d = dirname(d)) {
     chain.unshift(d)
     if (dirname(d) === d) break
   }
+  if (real !== dirname(real)) chain.push(real)
   for (const d of chain) {
     const { bits, describe } = permissionsFor(user, d)
-    const needs = d === real ? 5 : 1
-    if ((bits & needs) !== needs) {
+    const wanted = d === real ? needs : 1
+    if ((bits & wanted) !== wanted) {
       return d === real
-        ? `${d} is not readable and searchable by it (${describe})`
+        ? `${d} is not ${what} by it (${describe})`
         : `${d}, on the way to ${real}, cannot be entered by it (${describe})`
     }
   }

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the image built by build.sh with podman, the way the README says to run
-# it anywhere: named volumes for /workspace and /state, the API token from a
-# file, a stop timeout above the server's graceful-close limit.
+# it anywhere: named volumes for /workspace, /state and /home/agent, the API
+# token from a file only the service's user reads (API_TOKEN_FILE), no
+# capability but SETUID, SETGID and KILL (the service runs the agent as its
+# own user), a stop timeout above the server's graceful-close limit.
 #
 #   scripts/image/run.sh [--port 3000] [--token-file FILE] [--name NAME] [-- podman run options...]
 #
@@ -31,15 +33,15 @@ podman image exists "$image" || die "no image $image: run scripts/image/build.sh
 
 args=(--detach --name "$name" --network host
   --env HOST=127.0.0.1 --env "PORT=$port"
-  --volume "$name-workspace:/workspace" --volume "$name-state:/state"
+  --volume "$name-workspace:/workspace" --volume "$name-state:/state" --volume "$name-agent-home:/home/agent"
+  --cap-drop ALL --cap-add SETUID,SETGID,KILL
   # Above KILL_GRACE + 5 s, the server's own limit for a graceful close.
   --stop-timeout 30)
 if [ -n "$token_file" ]; then
   [ -r "$token_file" ] || die "cannot read $token_file"
-  # Named only: the value stays off podman's command line.
-  API_TOKEN=$(cat "$token_file")
-  export API_TOKEN
-  args+=(--env API_TOKEN)
+  # Mounted as it is: the service (uid 1000) must read it, the agent (1001) must not.
+  [ "$(stat -c '%u %a' "$token_file")" = '1000 400' ] || die "$token_file: give it to uid 1000, mode 0400 (chown 1000 $token_file && chmod 0400 $token_file)"
+  args+=(--volume "$(realpath "$token_file"):/run/secrets/api-token:ro" --env API_TOKEN_FILE=/run/secrets/api-token)
 fi
 [ -n "${CURSOR_API_KEY:-}" ] && args+=(--env CURSOR_API_KEY)
 

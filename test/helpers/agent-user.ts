@@ -2,12 +2,14 @@
 // database lists, directories every user may write, and the built server.
 
 import { spawn, type ChildProcess } from 'node:child_process'
-import { chmodSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { chmodSync, copyFileSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { Test } from 'tap'
-import { resolveAgentUser } from '../../lib/processes/agent-user.js'
-import { ROOT, sandbox, waitFor, type Sandbox } from './index.js'
+import { resolveAgentUser, workspaceAccessProblem } from '../../lib/processes/agent-user.js'
+import { ROOT, SIMULATOR, sandbox, waitFor, type Sandbox } from './index.js'
+import { cleanEnv } from './server-process.js'
+export { cleanEnv }
 
 export const SERVER = join(ROOT, 'dist', 'server.js')
 export const IS_ROOT = process.getuid?.() === 0
@@ -35,6 +37,31 @@ export function sharedSandbox (t: Test): Sandbox {
   return box
 }
 
+/**
+ * Why a process of this uid cannot run code from this checkout, or undefined.
+ * A checkout under a directory only root enters (`mktemp -d` makes them) is out
+ * of every other user's reach; tests that run the server or the library as
+ * another user say so instead of failing.
+ */
+export function checkoutOutOfReach (uid: number, gid: number): string | undefined {
+  return workspaceAccessProblem({ uid, gid }, ROOT)
+}
+
+/**
+ * The cursor-agent simulator where the agent user can run it: a copy in a
+ * directory every user may read (the checkout may be out of its reach). The
+ * simulator is one file importing only Node's own modules.
+ */
+export function simulatorForAgentUser (t: Test): string {
+  const dir = mkdtempSync(join(tmpdir(), 'agent-sessions-simulator-'))
+  chmodSync(dir, 0o755)
+  t.after(() => rmSync(dir, { recursive: true, force: true }))
+  const copy = join(dir, 'fake-cursor-agent.mjs')
+  copyFileSync(SIMULATOR, copy)
+  chmodSync(copy, 0o755)
+  return copy
+}
+
 export function uidOf (pid: number): number | undefined {
   try {
     return Number(/^Uid:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1])
@@ -43,22 +70,14 @@ export function uidOf (pid: number): number | undefined {
   }
 }
 
-// The server's children must not inherit tap's loader hooks, nor a token from whoever runs the tests.
-export function cleanEnv (extra: Record<string, string>): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {}
-  for (const [key, value] of Object.entries(process.env)) {
-    if (key === 'NODE_OPTIONS' || key.startsWith('TAP') || key.startsWith('_TAPJS') || key.startsWith('API_TOKEN') || key === 'AGENT_USER') continue
-    env[key] = value
-  }
-  return { ...env, ...extra }
-}
 
 export interface Server { proc: ChildProcess, url: string, output: () => string, exited: Promise<{ code: number | null, signal: NodeJS.Signals | null }> }
 
 export async function startServer (t: Test, env: Record<string, string>): Promise<Server> {
   const proc = spawn(process.execPath, [SERVER], {
     cwd: ROOT,
-    env: cleanEnv({ PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'info', KILL_GRACE: '1s', ...env }),
+    // The agent user must enter WORKSPACE_DIR, and the checkout may sit under a directory only root enters.
+    env: cleanEnv({ PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'info', KILL_GRACE: '1s', WORKSPACE_DIR: sharedDir(t, 'agent-sessions-workspace-'), ...env }),
     stdio: ['ignore', 'pipe', 'pipe']
   })
   t.after(() => { if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL') })

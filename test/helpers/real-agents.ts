@@ -119,9 +119,11 @@ export function geminiAgent (mockUrl: string, home: string): RealAgent {
  * file and empties it, so the load fails ("No previous sessions found", -32603)
  * or replays nothing. Once the minute has changed it writes a stray empty file
  * instead and the load works. Resolves when a session/load of `sessionId` can
- * work (at once for codex, or when no file of the session is found).
+ * work (at once for codex, or when no file of the session is found). Without
+ * a session id, waits for every session in the agent's home: a client of the
+ * service never learns the agent's own session id.
  */
-export async function untilSessionLoadable (agent: RealAgent, sessionId: string): Promise<void> {
+export async function untilSessionLoadable (agent: RealAgent, sessionId?: string): Promise<void> {
   if (agent.name !== 'gemini') return
   const minutes = new Set<string>()
   const tmp = join(agent.home, '.gemini', 'tmp')
@@ -129,7 +131,7 @@ export async function untilSessionLoadable (agent: RealAgent, sessionId: string)
     const chats = join(tmp, project, 'chats')
     for (const file of existsSync(chats) ? readdirSync(chats) : []) {
       const m = /^session-(\d{4}-\d{2}-\d{2}T\d{2}-\d{2})-(.{8})\.jsonl?$/.exec(file)
-      if (m !== null && m[2] === sessionId.slice(0, 8)) minutes.add(m[1])
+      if (m !== null && (sessionId === undefined || m[2] === sessionId.slice(0, 8))) minutes.add(m[1])
     }
   }
   const minuteNow = (): string => new Date().toISOString().slice(0, 16).replace(/:/g, '-')

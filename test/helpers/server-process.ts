@@ -3,15 +3,22 @@
 
 import { spawn, type ChildProcess } from 'node:child_process'
 import { join } from 'node:path'
+import { SERVICE_ENV_NAMES } from '../../lib/config.js'
 import { ROOT, SIMULATOR, waitFor } from './index.js'
 
 export const SERVER = join(ROOT, 'dist', 'server.js')
 
-/** This process's environment without tap's loader hooks (children must not inherit them), plus extra. */
+/**
+ * This process's environment for a child (a server, a benchmark, a shell):
+ * without tap's loader hooks, which children must not inherit, and without any
+ * of the service's settings from whoever runs the tests (a token, a HOST, a
+ * TRUST_PROXY), plus extra.
+ */
 export function cleanEnv (extra: Record<string, string> = {}): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = {}
   for (const [key, value] of Object.entries(process.env)) {
-    if (key !== 'NODE_OPTIONS' && !key.startsWith('TAP') && !key.startsWith('_TAPJS')) env[key] = value
+    if (key === 'NODE_OPTIONS' || key.startsWith('TAP') || key.startsWith('_TAPJS') || SERVICE_ENV_NAMES.includes(key)) continue
+    env[key] = value
   }
   return { ...env, ...extra }
 }
