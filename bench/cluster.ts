@@ -16,6 +16,7 @@ import { execFileSync } from 'node:child_process'
 import { mkdtempSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { join } from 'node:path'
+import { cleanEnv } from '../test/helpers/server-process.js'
 import { QUICK, ROOT, SIMULATOR, fmt, median, removeDir, sleep, spread, summarize, tempRoot } from './lib.js'
 
 const TTL_MS = 2000
@@ -63,10 +64,8 @@ async function instance (redisUrl: string, agentState: string, dirs: string[]): 
   const port = await freePort()
   const stateDir = mkdtempSync(join(tempRoot(), 'cluster-bench-state-'))
   dirs.push(stateDir)
-  const env: NodeJS.ProcessEnv = {}
-  for (const [key, value] of Object.entries(process.env)) if (key !== 'NODE_OPTIONS') env[key] = value
-  const proc = start(process.execPath, [join(ROOT, 'dist', 'server.js')], {
-    ...env,
+  // None of the service's settings (nor tsx's loader) leak in from whoever runs the benchmark.
+  const proc = start(process.execPath, [join(ROOT, 'dist', 'server.js')], cleanEnv({
     PORT: String(port),
     HOST: '127.0.0.1',
     LOG_LEVEL: 'warn',
@@ -77,7 +76,7 @@ async function instance (redisUrl: string, agentState: string, dirs: string[]): 
     CURSOR_AGENT_BIN: SIMULATOR,
     FAKE_AGENT_STATE_DIR: agentState,
     AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR'
-  })
+  }))
   const url = `http://127.0.0.1:${port}`
   await until(async () => (await fetch(`${url}/api/health/ready`)).status === 200, 'an instance to be ready')
   return { ...proc, url }
