@@ -4,6 +4,8 @@
 import type { FastifyInstance, FastifyPluginAsync } from 'fastify'
 import configPlugin from './plugins/config.js'
 import statePlugin from './plugins/state.js'
+import clusterPlugin from './plugins/cluster.js'
+import clusterRoutesPlugin from './plugins/cluster-routes.js'
 import sessionManagerPlugin, { type SessionManagerPluginOptions } from './plugins/session-manager.js'
 import reaperPlugin from './plugins/reaper.js'
 import httpPlugin from './plugins/http.js'
@@ -24,6 +26,7 @@ import type { AgentSessionsSettings } from './lib/config.js'
 // 'fastify'` blocks (the decorator types) reach an embedder's TypeScript.
 import './plugins/config.js'
 import './plugins/state.js'
+import './plugins/cluster.js'
 import './plugins/reaper.js'
 import './plugins/docs.js'
 import './plugins/metrics.js'
@@ -37,12 +40,14 @@ export interface AgentSessionsOptions extends AgentSessionsSettings, SessionMana
  * them only where it registers the app without encapsulation (see the README).
  */
 export type AgentSessionsDecorators = Pick<FastifyInstance,
-  'agentSessions' | 'agentSessionsConfig' | 'agentSessionsEnv' | 'agentSessionsReaper' | 'agentSessionsMetrics' | 'agentSessionsOpenapi' | 'agentSessionsState'>
+  'agentSessions' | 'agentSessionsConfig' | 'agentSessionsEnv' | 'agentSessionsReaper' | 'agentSessionsMetrics' | 'agentSessionsOpenapi' | 'agentSessionsState' | 'agentSessionsCluster'>
 
 const agentSessions: FastifyPluginAsync<AgentSessionsOptions> = async (fastify, options) => {
   await fastify.register(configPlugin, options)
   // Before the manager and its drivers: the state directory's lock, the process record and the store.
   await fastify.register(statePlugin)
+  // With REDIS_URL: the Redis store (before the manager takes the store), the liveness key and the client the rate limit shares.
+  await fastify.register(clusterPlugin)
   await fastify.register(sessionManagerPlugin, options)
   await fastify.register(reaperPlugin)
   await fastify.register(httpPlugin, { bodyLimit: fastify.agentSessionsConfig.bodyLimit })
@@ -57,6 +62,8 @@ const agentSessions: FastifyPluginAsync<AgentSessionsOptions> = async (fastify, 
   await fastify.register(metricsPlugin)
   // Before the streaming routes: it wraps the routes that declare `sse`.
   await fastify.register(ssePlugin)
+  // After the SSE plugin and before the routes: it wraps the session routes outside the SSE wrapper.
+  await fastify.register(clusterRoutesPlugin)
   await fastify.register(sessionRoutes)
   await fastify.register(askRoutes)
   await fastify.register(sessionStreamRoutes)

@@ -71,7 +71,12 @@ export const SETTINGS = [
   { env: 'AGENT_TRUST', option: 'agentTrust', kind: 'boolean', default: 'true' },
   { env: 'AGENT_USER', option: 'agentUser', kind: 'string' },
   { env: 'AGENT_ENV_PASS', option: 'agentEnvPass', kind: 'list' },
-  { env: 'CORS_ORIGINS', option: 'corsOrigins', kind: 'list' }
+  { env: 'CORS_ORIGINS', option: 'corsOrigins', kind: 'list' },
+  // Clustering (off unless REDIS_URL is set): see lib/cluster/.
+  { env: 'REDIS_URL', option: 'redisUrl', kind: 'string', pattern: '^\\s*rediss?://\\S+\\s*$', hint: 'a redis:// or rediss:// URL' },
+  { env: 'REDIS_PREFIX', option: 'redisPrefix', kind: 'string', default: 'agent-sessions:', pattern: '^[\\w:.{}-]{1,64}$', hint: 'up to 64 letters, digits and _ : . { } -' },
+  { env: 'INSTANCE_URL', option: 'instanceUrl', kind: 'string', pattern: '^\\s*https?://\\S+\\s*$', hint: 'an http:// or https:// URL the other instances can reach' },
+  { env: 'INSTANCE_TTL', option: 'instanceTtl', kind: 'duration', default: '10s', min: 1000 }
 ] as const satisfies readonly Setting[]
 
 export interface AgentSessionsConfig {
@@ -136,6 +141,14 @@ export interface AgentSessionsConfig {
   agentEnvPass: string[]
   /** Browser origins allowed by CORS; `['*']` allows any; undefined leaves CORS off. */
   corsOrigins?: string[]
+  /** Shared state for a cluster of instances; undefined: this instance stands alone. */
+  redisUrl?: string
+  /** Prefix of every Redis key (several clusters can share one Redis). */
+  redisPrefix: string
+  /** How the other instances reach this one; undefined: derived from HOST and the port it listens on. */
+  instanceUrl?: string
+  /** An instance whose liveness key is older than this is taken for dead. */
+  instanceTtlMs: number
 }
 
 /** Settings as plugin options: durations as `'30s'` or milliseconds, the rest as their type. */
@@ -183,6 +196,12 @@ export interface AgentSessionsSettings {
   agentEnvPass?: string | readonly string[]
   /** `'*'`, or origins such as `https://app.example.com` (a comma-separated string or an array). */
   corsOrigins?: string | readonly string[]
+  /** redis:// or rediss:// URL of the Redis a cluster of instances shares. */
+  redisUrl?: string
+  redisPrefix?: string
+  /** How the other instances reach this one (default: from HOST and the listening port). */
+  instanceUrl?: string
+  instanceTtl?: string | number
 }
 
 /**
@@ -489,7 +508,11 @@ export function resolveConfig (env: Record<string, unknown>): AgentSessionsConfi
     agentTrust: values.agentTrust as boolean,
     agentUser,
     agentEnvPass: (values.agentEnvPass as string[] | undefined) ?? [],
-    corsOrigins: values.corsOrigins as string[] | undefined
+    corsOrigins: values.corsOrigins as string[] | undefined,
+    redisUrl: values.redisUrl as string | undefined,
+    redisPrefix: values.redisPrefix as string,
+    instanceUrl: values.instanceUrl === undefined ? undefined : (values.instanceUrl as string).replace(/\/+$/, ''),
+    instanceTtlMs: values.instanceTtl as number
   }
   if (config.agentProtocol === 'acp' && config.agentCommand === undefined) {
     throw invalid(settingOf('AGENT_COMMAND'), 'the ACP agent\'s command line when AGENT_PROTOCOL=acp (e.g. "npx @zed-industries/codex-acp")', undefined)

@@ -4,9 +4,10 @@
 /**
  * Why a session ended: expired (idle past its timeout), ended (by the client),
  * shutdown (the server stopped without a store), agent_exited (its agent died
- * and could not be brought back), resume_failed (bringing a stopped agent back failed).
+ * and could not be brought back), resume_failed (bringing a stopped agent back failed),
+ * instance_lost (the instance that ran it is gone and this one cannot continue its conversation).
  */
-export type SessionEndReason = 'expired' | 'ended' | 'shutdown' | 'agent_exited' | 'resume_failed'
+export type SessionEndReason = 'expired' | 'ended' | 'shutdown' | 'agent_exited' | 'resume_failed' | 'instance_lost'
 
 export const ERROR_STATUS = {
   INVALID_REQUEST: 400,
@@ -38,6 +39,8 @@ export const ERROR_STATUS = {
   LIVE_AGENT_LIMIT_REACHED: 503,
   CLIENT_SESSION_LIMIT_REACHED: 503,
   SERVICE_UNAVAILABLE: 503,
+  STATE_UNAVAILABLE: 503,
+  INSTANCE_UNREACHABLE: 503,
   REQUEST_TIMEOUT: 504
 } as const
 
@@ -92,6 +95,7 @@ function endReasonText (reason: SessionEndReason, idleMs: number): string {
     case 'shutdown': return 'the server shut down'
     case 'agent_exited': return 'its agent process exited and the agent cannot continue the conversation in a new process'
     case 'resume_failed': return 'its agent could not be brought back with the conversation'
+    case 'instance_lost': return 'the instance that ran it is gone and its conversation cannot be continued on another one'
   }
 }
 

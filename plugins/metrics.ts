@@ -23,7 +23,7 @@ export type TeardownStageLabel = 'exited' | 'sigterm' | 'sigkill'
 
 // 'sigterm' stands for the polite KILL_SIGNAL, whichever signal that is.
 const STAGE_LABEL: Record<TeardownStage, TeardownStageLabel> = { exited: 'exited', signalled: 'sigterm', killed: 'sigkill' }
-const END_REASONS: readonly SessionEndReason[] = ['expired', 'ended', 'shutdown', 'agent_exited', 'resume_failed']
+const END_REASONS: readonly SessionEndReason[] = ['expired', 'ended', 'shutdown', 'agent_exited', 'resume_failed', 'instance_lost']
 const TURN_OUTCOMES: readonly TurnOutcome[] = ['answered', 'failed', 'timeout', 'cancelled']
 
 // Agent turns take from about a second to ASK_TIMEOUT (60 s by default, often raised).

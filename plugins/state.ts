@@ -43,7 +43,8 @@ async function statePlugin (fastify: FastifyInstance): Promise<void> {
   for (const group of leftBehind) records.added(group)
   state.dir = dir
   state.recorder = records
-  state.store = new FileStore({ file: join(dir, 'sessions.json'), log })
+  // With REDIS_URL the sessions live in Redis (plugins/cluster.ts); the directory keeps this instance's process record.
+  if (config.redisUrl === undefined) state.store = new FileStore({ file: join(dir, 'sessions.json'), log })
 
   fastify.addHook('onReady', async () => {
     if (leftBehind.length > 0) {

@@ -9,11 +9,13 @@ import { packageInfo } from '../lib/package-info.js'
 import { AgentSessionError } from '../lib/errors.js'
 import { groupsRssBytes } from '../lib/processes/usage.js'
 import { errors } from './schemas.js'
+import { ClusterHealthSchema, clusterHealth } from '../plugins/cluster.js'
 
 const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   const manager = fastify.agentSessions
   const config = fastify.agentSessionsConfig
   const startedAt = performance.now()
+  const cluster = fastify.agentSessionsCluster
 
   fastify.get('/api/health', {
     config: { agentSessionsPublic: true },
@@ -54,7 +56,8 @@ const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
             last_sweep_at: Type.Union([Type.String({ format: 'date-time' }), Type.Null()]),
             sweeps: Type.Integer(),
             sessions_reaped: Type.Integer()
-          }))
+          })),
+          cluster: Type.Optional(ClusterHealthSchema)
         }, { description: 'Status of the service, its sessions, the agent, the store and the reaper' })
       }
     }
@@ -94,7 +97,8 @@ const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
         last_sweep_at: reaper.lastSweepAt === null ? null : new Date(reaper.lastSweepAt).toISOString(),
         sweeps: reaper.sweeps,
         sessions_reaped: reaper.reaped
-      }
+      },
+      ...(cluster === null ? {} : { cluster: clusterHealth(cluster) })
     }
   })
 
@@ -120,7 +124,8 @@ const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       check: async () => (await manager.driver.info()).available
         ? null
         : `the agent (${config.agentProtocol === 'acp' ? config.agentCommand?.[0] ?? '' : config.cursorAgentBin}) is not usable`
-    }
+    },
+    ...(cluster === null ? [] : [{ name: 'redis', check: async () => cluster.available() ? null : 'the cluster\'s Redis cannot be reached' }])
   ]
 
   fastify.get('/api/health/ready', {

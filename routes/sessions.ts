@@ -6,6 +6,7 @@ import { AgentSessionError, formatDuration } from '../lib/errors.js'
 import { parseDuration } from '../lib/config.js'
 import type { SessionInfo } from '../lib/sessions/manager.js'
 import { errors, Expiry, SessionQuery, validatorCompiler } from './schemas.js'
+import { clientAddress } from '../plugins/cluster-routes.js'
 
 /** The shortest idle timeout a client may ask for: shorter ones end a session between two heartbeats. */
 export const MIN_IDLE_TIMEOUT_MS = 10_000
@@ -64,8 +65,8 @@ const sessionRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   }, async (request) => {
     const requested = request.body?.idle_timeout
     const idleTimeoutMs = requested === undefined ? undefined : idleTimeoutOf(requested, fastify.agentSessionsConfig.maxSessionTimeoutMs)
-    // request.ip: the client's address (X-Forwarded-For only from the proxies trustProxy names).
-    const session = await manager.create({ idleTimeoutMs, client: request.ip })
+    // The client's address (X-Forwarded-For only from the proxies trustProxy names; in a cluster, as the first instance saw it).
+    const session = await manager.create({ idleTimeoutMs, client: clientAddress(request) })
     return { session_id: session.id, message: 'Session started', ...expiry(session) }
   })
 

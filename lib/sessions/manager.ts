@@ -71,6 +71,8 @@ export interface SessionManagerEvents {
   'session-hibernated': [{ sessionId: string, why: HibernateReason }]
   /** A hibernated session's agent was brought back (or could not be). */
   'session-resumed': [{ sessionId: string, ok: boolean, durationMs: number }]
+  /** A session another instance of the cluster ran is now run here (hibernated until its next ask). */
+  'session-adopted': [SessionInfo]
 }
 
 /** Why a live agent was stopped: idle past AGENT_IDLE_TIMEOUT, to make room under MAX_LIVE_AGENTS, or the server stopping with a store. */
@@ -130,6 +132,12 @@ interface Session {
   history: TurnRecord[] | null
   /** Warns the session's subscribers before the reaper would end it; set only while someone listens. */
   expiryTimer: NodeJS.Timeout | null
+  /**
+   * Taken over from another instance that is gone (a cluster), and not yet
+   * brought back here: if its conversation cannot be continued on this
+   * instance, the session ends with reason instance_lost.
+   */
+  adopted: boolean
   /** Whose per-client budget the session counts against; null when created without a client. */
   readonly client: ClientSlot | null
 }
@@ -264,12 +272,23 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       cancelRequested: false,
       history: null,
       expiryTimer: null,
+      adopted: false,
       client
     }
     this.#sessions.set(session.id, session)
     this.#watch(session, conversation)
     // The id a client gets must survive a crash right after it: the start answers once it is written.
-    await this.#store?.saved(this.#stored(session))
+    try {
+      await this.#store?.saved(this.#stored(session))
+    } catch (err) {
+      // A shared store that cannot register the session (a cluster without Redis): no id nobody else could find.
+      if (this.#sessions.get(session.id) === session) {
+        this.#sessions.delete(session.id)
+        if (session.client !== null) this.#releaseClient(session.client)
+        void conversation.close().catch(() => {})
+      }
+      throw err
+    }
     const info = toInfo(session)
     this.#log.info({ sessionId: session.id, agent: session.ref, pid: conversation.pid, idleTimeoutMs, activeSessions: this.#sessions.size }, 'session started')
     this.emit('session-started', info)
@@ -362,11 +381,15 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
         }), controller.signal)
       }
       record(result.answer, result.stopReason, null)
+      session.adopted = false
       this.#events.publish(sessionId, { type: 'answer', answer: result.answer, stopReason: result.stopReason })
       const outcome: TurnOutcome = result.stopReason === 'cancelled' ? 'cancelled' : 'answered'
       this.emit('turn-finished', { sessionId, outcome, durationMs: performance.now() - started })
       return result
-    } catch (err) {
+    } catch (caught) {
+      let err = caught
+      // An agent without a live process (cursor) finds out on the first turn that the lost instance's chat is not here.
+      if (session.adopted && err instanceof AgentSessionError && err.code === 'AGENT_CHAT_NOT_FOUND') err = instanceLost(sessionId, err)
       const apiError = err instanceof AgentSessionError ? err : undefined
       const code = apiError?.code ?? 'INTERNAL_SERVER_ERROR'
       const outcome: TurnOutcome = code === 'REQUEST_TIMEOUT'
@@ -377,6 +400,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       this.emit('turn-finished', { sessionId, outcome, durationMs: performance.now() - started, code })
       // Never a blank conversation instead of the one that could not come back.
       if (code === 'RESUME_FAILED' && this.#sessions.get(sessionId) === session) void this.end(sessionId, 'resume_failed')
+      if (apiError?.extra.reason === 'instance_lost' && this.#sessions.get(sessionId) === session) void this.end(sessionId, 'instance_lost')
       throw err
     } finally {
       // An end during the turn has moved it on to closing: then it stays so.
@@ -533,25 +557,99 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     }
     for (const stored of snapshot.sessions) {
       if (this.#sessions.has(stored.id) || this.#ended.has(stored.id)) continue
-      this.#sessions.set(stored.id, {
-        id: stored.id,
-        createdAt: stored.createdAt,
-        idleTimeoutMs: stored.idleTimeoutMs,
-        ref: stored.ref,
-        state: 'hibernated',
-        lastActivity: stored.lastActivity,
-        lastTurnEndedAt: stored.lastTurnEndedAt,
-        suspending: null,
-        conversation: null,
-        turn: null,
-        cancelRequested: false,
-        history: stored.history.length === 0 ? null : stored.history.slice(-this.#options.maxHistory),
-        expiryTimer: null,
-        client: stored.client === undefined ? null : this.#countClient(stored.client)
-      })
+      this.#sessions.set(stored.id, this.#hibernatedFrom(stored, false))
     }
     this.#log.info({ sessions: snapshot.sessions.length, ended: snapshot.ended.length }, 'sessions restored from the store')
     return { sessions: snapshot.sessions.length, ended: snapshot.ended.length }
+  }
+
+  /**
+   * Takes over a session another instance of a cluster ran (it is gone, or it
+   * let the session go when it stopped): here it is hibernated, and its next
+   * ask brings its agent back with the conversation, where the agent's storage
+   * is shared; where it is not, that ask ends it with reason instance_lost.
+   * The caller has made this instance its owner in the shared store first.
+   * MAX_SESSIONS does not apply: a session that exists is never refused.
+   */
+  adopt (stored: StoredSession): SessionInfo {
+    if (this.#closed) throw shuttingDown()
+    const existing = this.#sessions.get(stored.id)
+    if (existing !== undefined) return toInfo(existing)
+    const session = this.#hibernatedFrom(stored, true)
+    this.#sessions.set(stored.id, session)
+    this.#ended.delete(stored.id)
+    this.#log.info({ sessionId: stored.id, agent: stored.ref, idleMs: this.#now() - stored.lastActivity }, 'session adopted')
+    this.emit('session-adopted', toInfo(session))
+    return toInfo(session)
+  }
+
+  /**
+   * Lets a session go without ending it: another instance owns it now (this
+   * one lost touch with the cluster's store for longer than its liveness). Its
+   * agent is stopped as in hibernation; nothing is written to the store.
+   */
+  async evict (sessionId: string): Promise<void> {
+    const session = this.#sessions.get(sessionId)
+    if (session === undefined) return
+    this.#sessions.delete(sessionId)
+    if (session.client !== null) this.#releaseClient(session.client)
+    this.#clearExpiryWarning(session)
+    const moved = new AgentSessionError('INSTANCE_UNREACHABLE', 'This session moved to another instance: send the request again',
+      { retryAfterSeconds: 1 })
+    session.turn?.abort(moved)
+    session.conversation?.cancel()
+    this.#events.close(sessionId)
+    const conversation = session.conversation
+    session.conversation = null
+    session.state = 'closing'
+    this.#log.warn({ sessionId }, 'session now owned by another instance: let go here')
+    if (conversation !== null) {
+      try {
+        await conversation.suspend()
+      } catch (err) {
+        this.#log.error({ err, sessionId }, 'stopping the agent failed')
+      }
+    }
+    this.#slotFreed.emit('freed')
+  }
+
+  /** Whether this instance runs the session now. */
+  has (sessionId: string): boolean {
+    return this.#sessions.has(sessionId)
+  }
+
+  /**
+   * Room for one more session here: free session slots under MAX_SESSIONS,
+   * and live agents that could start without waiting (free slots under
+   * MAX_LIVE_AGENTS, plus idle live agents that would hibernate to make room).
+   */
+  capacity (): { sessions: number, liveAgents: number } {
+    const sessions = Math.max(0, this.#options.maxSessions - this.#sessions.size - this.#starting)
+    if (!this.#driver.keepsProcesses || this.#options.maxLiveAgents === Infinity) return { sessions, liveAgents: sessions }
+    let idleLive = 0
+    for (const session of this.#sessions.values()) if (session.state === 'idle' && session.conversation?.pid != null) idleLive++
+    const free = this.#options.maxLiveAgents - this.agentCounts().live - this.#pendingLive
+    return { sessions, liveAgents: Math.max(0, free) + idleLive }
+  }
+
+  #hibernatedFrom (stored: StoredSession, adopted: boolean): Session {
+    return {
+      id: stored.id,
+      createdAt: stored.createdAt,
+      idleTimeoutMs: stored.idleTimeoutMs,
+      ref: stored.ref,
+      state: 'hibernated',
+      lastActivity: stored.lastActivity,
+      lastTurnEndedAt: stored.lastTurnEndedAt,
+      suspending: null,
+      conversation: null,
+      turn: null,
+      cancelRequested: false,
+      history: stored.history.length === 0 ? null : stored.history.slice(-this.#options.maxHistory),
+      expiryTimer: null,
+      adopted,
+      client: stored.client === undefined ? null : this.#countClient(stored.client)
+    }
   }
 
   /** Stops idle live agents now (AGENT_IDLE_TIMEOUT's work, on demand). */
@@ -605,8 +703,10 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       if (signal.aborted) throw err
       // A full house is not the conversation's fault: the session stays, the client retries.
       if (err instanceof AgentSessionError && err.code === 'LIVE_AGENT_LIMIT_REACHED') throw err
-      this.#log.error({ err, sessionId: session.id, agent: session.ref }, 'resuming the agent failed')
+      this.#log.error({ err, sessionId: session.id, agent: session.ref, adopted: session.adopted }, 'resuming the agent failed')
       this.emit('session-resumed', { sessionId: session.id, ok: false, durationMs: performance.now() - started })
+      // Taken over from a lost instance whose agent storage this one does not share: the conversation is gone with it.
+      if (session.adopted) throw instanceLost(session.id, err)
       // The ask ends the session once it has answered with this error (an end now would answer it 404 instead).
       throw new AgentSessionError('RESUME_FAILED',
         'The agent could not continue this conversation in a new process; the session has ended: start a new one', { cause: err })
@@ -616,6 +716,7 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
       throw signal.reason
     }
     session.conversation = conversation
+    // `adopted` stays until a turn answered: an agent without a live process (cursor) only finds out then that the chat is not here.
     this.#watch(session, conversation)
     const durationMs = performance.now() - started
     this.emit('session-resumed', { sessionId: session.id, ok: true, durationMs })
@@ -830,6 +931,11 @@ export class SessionManager extends EventEmitter<SessionManagerEvents> {
     session.history.push(turn)
     if (session.history.length > this.#options.maxHistory) session.history.shift()
   }
+}
+
+function instanceLost (sessionId: string, cause: unknown): AgentSessionError {
+  const err = sessionNotFound(sessionId, { reason: 'instance_lost' })
+  return new AgentSessionError(err.code, err.message, { extra: err.extra, cause })
 }
 
 /** The promise's outcome, or the signal's reason as soon as it aborts (the work itself is stopped elsewhere). */

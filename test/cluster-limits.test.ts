@@ -1,0 +1,84 @@
+// Limits across a cluster (a real redis-server): MAX_SESSIONS_PER_CLIENT
+// counts a client's sessions on every instance, and a SIGTERMed instance (a
+// rolling deploy) hibernates and releases its sessions, which the instance
+// that gets their next request takes over at once and resumes.
+
+import t from 'tap'
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { sandbox, waitForGone } from './helpers/index.js'
+import { startServer, type ServerProcess } from './helpers/server-process.js'
+import { call, startInstance } from './helpers/cluster.js'
+import { redisMissing, startRedis } from './helpers/redis.js'
+
+const ACP_SIMULATOR = fileURLToPath(new URL('./fixtures/fake-acp-agent.mjs', import.meta.url))
+const GENEROUS_MS = 90_000
+
+async function stop (server: ServerProcess): Promise<void> {
+  if (server.proc.exitCode !== null || server.proc.signalCode !== null) return
+  server.proc.kill('SIGTERM')
+  await server.exited
+}
+
+const missing = redisMissing()
+if (missing !== null) {
+  t.plan(0, missing)
+} else {
+  t.test('per-client limits count across the cluster', async (t) => {
+    const redis = await startRedis(t)
+    const box = sandbox(t)
+    const a = await startInstance(t, box, redis.url, { maxSessionsPerClient: 1 })
+    const b = await startInstance(t, box, redis.url, { maxSessionsPerClient: 1 })
+    t.equal((await call('POST', `${a.url}/api/session/start`)).status, 200)
+    const second = await call('POST', `${b.url}/api/session/start`)
+    t.equal(second.status, 503, 'the client already holds a session on A')
+    t.equal(second.json.error, 'CLIENT_SESSION_LIMIT_REACHED')
+    t.ok(second.headers.get('retry-after'))
+    // Once it ends its session on A, B lets it start one.
+    const held = a.app.agentSessions.list()[0].id
+    t.equal((await call('POST', `${b.url}/api/session/end?session_id=${held}`)).status, 200)
+    t.equal((await call('POST', `${b.url}/api/session/start`)).status, 200, 'the ended session no longer counts')
+    t.equal((await call('POST', `${a.url}/api/session/start`)).status, 503, 'the new one on B counts on A')
+  })
+
+  t.test('SIGTERM of one instance: its sessions hibernate, are released, and the next request elsewhere resumes them at once', async (t) => {
+    const redis = await startRedis(t)
+    const box = sandbox(t)
+    const env = (): Record<string, string> => {
+      const dir = mkdtempSync(join(tmpdir(), 'agent-sessions-state-'))
+      t.after(() => rmSync(dir, { recursive: true, force: true }))
+      return {
+        REDIS_URL: redis.url,
+        // Long: a takeover that waited for the liveness key to expire would show.
+        INSTANCE_TTL: '60s',
+        STATE_DIR: dir,
+        AGENT_PROTOCOL: 'acp',
+        AGENT_COMMAND: `"${process.execPath}" "${ACP_SIMULATOR}"`,
+        FAKE_AGENT_STATE_DIR: box.stateDir,
+        AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR'
+      }
+    }
+    const a = await startServer(t, { env: env(), timeoutMs: GENEROUS_MS })
+    const b = await startServer(t, { env: env(), timeoutMs: GENEROUS_MS })
+    t.teardown(async () => { await Promise.all([stop(a), stop(b)]) })
+    const id = (await call('POST', `${a.url}/api/session/start`)).json.session_id as string
+    t.equal((await call('POST', `${a.url}/api/ask?session_id=${id}`, { question: 'remember nine' })).status, 200)
+
+    a.proc.kill('SIGTERM')
+    t.equal((await a.exited).code, 0, 'A stops cleanly')
+    t.ok(a.logs.some((l) => l.msg === 'session hibernated' && l.why === 'shutdown'), 'A hibernated the session')
+    t.ok(a.logs.some((l) => l.msg === 'sessions released for the other instances' && l.released === 1), 'and released it')
+
+    const startedAt = Date.now()
+    const answer = await call('POST', `${b.url}/api/ask?session_id=${id}`, { question: 'which number?' })
+    t.equal(answer.status, 200, JSON.stringify(answer.json))
+    t.match(answer.json.answer, /previous question "remember nine"/, 'B resumed the conversation (session/load)')
+    t.ok(Date.now() - startedAt < 60_000, 'without waiting for INSTANCE_TTL (60 s)')
+    t.match(b.logs.find((l) => l.msg === 'session claimed'), { sessionId: id, from: '(released)' })
+    t.match(readFileSync(join(box.stateDir, 'calls.log'), 'utf8'), /session\/load/)
+    await stop(b)
+    t.same(await waitForGone(box.pids().map((p) => p.pid), GENEROUS_MS), [], 'nothing left running')
+  })
+}

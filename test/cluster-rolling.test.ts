@@ -1,0 +1,83 @@
+// A rolling deploy under traffic (real redis-server, spawned servers): while
+// the owner of a session stops (SIGTERM, its ACP agent slow to go), requests
+// for the session keep arriving through another instance; each is answered,
+// by the owner until it refuses, then by the instance that takes the released
+// session over. None fails.
+
+import t from 'tap'
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { sandbox, waitForGone, type Sandbox } from './helpers/index.js'
+import { startServer, type ServerProcess } from './helpers/server-process.js'
+import { call } from './helpers/cluster.js'
+import { redisMissing, startRedis } from './helpers/redis.js'
+
+const ACP_SIMULATOR = fileURLToPath(new URL('./fixtures/fake-acp-agent.mjs', import.meta.url))
+const GENEROUS_MS = 90_000
+
+function env (t: { after: (fn: () => unknown) => void }, redisUrl: string, box: Sandbox): Record<string, string> {
+  const dir = mkdtempSync(join(tmpdir(), 'agent-sessions-state-'))
+  t.after(() => rmSync(dir, { recursive: true, force: true }))
+  return {
+    REDIS_URL: redisUrl,
+    INSTANCE_TTL: '3s',
+    KILL_GRACE: '2s',
+    STATE_DIR: dir,
+    AGENT_PROTOCOL: 'acp',
+    AGENT_COMMAND: `"${process.execPath}" "${ACP_SIMULATOR}"`,
+    // The agent ignores SIGTERM: the owner's hibernation takes KILL_GRACE, a window for requests to arrive.
+    FAKE_ACP_FAULTS: 'ignore-sigterm',
+    FAKE_AGENT_STATE_DIR: box.stateDir,
+    AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR,FAKE_ACP_FAULTS'
+  }
+}
+
+async function stop (server: ServerProcess): Promise<void> {
+  if (server.proc.exitCode !== null || server.proc.signalCode !== null) return
+  server.proc.kill('SIGTERM')
+  await server.exited
+}
+
+const missing = redisMissing()
+if (missing !== null) {
+  t.plan(0, missing)
+} else {
+  t.test('heartbeats through B while the owner A stops: every one answered 200, the session ends up on B with its conversation', async (t) => {
+    const redis = await startRedis(t)
+    const box = sandbox(t)
+    const a = await startServer(t, { env: env(t, redis.url, box), timeoutMs: GENEROUS_MS })
+    const b = await startServer(t, { env: env(t, redis.url, box), timeoutMs: GENEROUS_MS })
+    t.teardown(async () => { await Promise.all([stop(a), stop(b)]) })
+    const id = (await call('POST', `${a.url}/api/session/start`)).json.session_id as string
+    t.equal((await call('POST', `${a.url}/api/ask?session_id=${id}`, { question: 'remember four' })).status, 200)
+
+    const results: string[] = []
+    let running = true
+    const traffic = (async () => {
+      while (running) {
+        const res = await call('POST', `${b.url}/api/heartbeat?session_id=${id}`)
+        results.push(res.status === 200 ? '200' : `${res.status} ${JSON.stringify(res.json)}`)
+        await new Promise((resolve) => setTimeout(resolve, 20))
+      }
+    })()
+    // Traffic flows through B to A before A is told to stop.
+    while (results.length < 5) await new Promise((resolve) => setTimeout(resolve, 20))
+    a.proc.kill('SIGTERM')
+    t.equal((await a.exited).code, 0, 'A stops cleanly')
+    const afterExit = results.length
+    while (results.length < afterExit + 5) await new Promise((resolve) => setTimeout(resolve, 20))
+    running = false
+    await traffic
+    t.same(results.filter((r) => r !== '200'), [], `all ${results.length} heartbeats through B answered 200`)
+    t.ok(b.logs.some((l) => l.msg === 'session claimed' && l.sessionId === id), 'B took the session over')
+    const waits = b.logs.filter((l) => typeof l.msg === 'string' && l.msg.startsWith('owner of the session cannot answer')).map((l) => l.outcome)
+    t.comment(`B waited for A to let go ${waits.length} time(s): ${waits.join(', ')}`)
+    const answer = await call('POST', `${b.url}/api/ask?session_id=${id}`, { question: 'which number?' })
+    t.equal(answer.status, 200, JSON.stringify(answer.json))
+    t.match(answer.json.answer, /previous question "remember four"/)
+    await stop(b)
+    t.same(await waitForGone(box.pids().map((p) => p.pid), GENEROUS_MS), [], 'nothing left running')
+  })
+}
