@@ -7,7 +7,7 @@ import { chmodSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, 
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { resolveAgentUser } from '../lib/processes/agent-user.js'
-import { needsRoot, NOBODY, SERVER, sharedDir, sharedSandbox, simulatorForAgentUser, startServer } from './helpers/agent-user.js'
+import { agentUserCannotRun, NOBODY, SERVER, sharedDir, sharedSandbox, simulatorForAgentUser, startServer } from './helpers/agent-user.js'
 
 // A cursor-agent that first probes what it can reach, then is the simulator.
 // Every probe notes how it went: "readable", or the shell's error message.
@@ -46,7 +46,7 @@ function readProbes (dir: string): Array<{ fields: Record<string, string>, token
   })
 }
 
-t.test('as root: with AGENT_USER the agent reads neither the token file nor the server\'s environment or memory; without it, it does', { skip: needsRoot }, async (t) => {
+t.test('as root: with AGENT_USER the agent reads neither the token file nor the server\'s environment or memory; without it, it does', { skip: agentUserCannotRun }, async (t) => {
   if (!existsSync(SERVER)) throw new Error('dist/server.js is missing: run `npm run build` (npm test does)')
   const TOKEN = 'token-in-a-0600-file-8c1d2e'
   const SECRET = 'server-environment-secret-5b7e'

@@ -9,9 +9,9 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { isProcessAlive } from '../lib/processes/terminate.js'
 import { ROOT, build, waitFor, waitForGone } from './helpers/index.js'
-import { checkoutOutOfReach, cleanEnv, needsRoot, NOBODY, SERVER, sharedDir, sharedSandbox, simulatorForAgentUser, startServer, STRANGER_UID, uidOf } from './helpers/agent-user.js'
+import { agentUserCannotRun, checkoutOutOfReach, cleanEnv, NOBODY, SERVER, sharedDir, sharedSandbox, simulatorForAgentUser, startServer, STRANGER_UID, uidOf } from './helpers/agent-user.js'
 
-t.test('as root: an AGENT_USER agent that ignores SIGTERM is still torn down, with its grandchild', { skip: needsRoot }, async (t) => {
+t.test('as root: an AGENT_USER agent that ignores SIGTERM is still torn down, with its grandchild', { skip: agentUserCannotRun }, async (t) => {
   const box = sharedSandbox(t)
   const app = await build(t, box, { agentUser: 'nobody', killGrace: '1s', workspaceDir: sharedDir(t, 'agent-sessions-workspace-'), cursorAgentBin: simulatorForAgentUser(t) })
   t.equal(app.agentSessionsConfig.agentUser?.uid, NOBODY!.uid)
@@ -29,7 +29,7 @@ t.test('as root: an AGENT_USER agent that ignores SIGTERM is still torn down, wi
   t.same(await waitForGone(box.pids().map((p) => p.pid), 5000), [], 'no agent process left')
 })
 
-t.test('as root: a second signal kills AGENT_USER agents at once', { skip: needsRoot }, async (t) => {
+t.test('as root: a second signal kills AGENT_USER agents at once', { skip: agentUserCannotRun }, async (t) => {
   if (!existsSync(SERVER)) throw new Error('dist/server.js is missing: run `npm run build` (npm test does)')
   const box = sharedSandbox(t)
   const server = await startServer(t, {
@@ -47,7 +47,7 @@ t.test('as root: a second signal kills AGENT_USER agents at once', { skip: needs
   t.same(await waitForGone(box.pids().map((p) => p.pid), 5000), [], 'every agent group was SIGKILLed across users')
 })
 
-t.test('as root: from a process that may not signal another user\'s group, the group counts as alive and signalling it fails loudly', { skip: needsRoot }, async (t) => {
+t.test('as root: from a process that may not signal another user\'s group, the group counts as alive and signalling it fails loudly', { skip: agentUserCannotRun }, async (t) => {
   // A group of the agent user's, and a process of a third uid without capabilities looking at it.
   const group = spawn('sleep', ['600'], { uid: NOBODY!.uid, gid: NOBODY!.gid, detached: true, stdio: 'ignore' })
   t.after(() => { try { process.kill(-group.pid!, 'SIGKILL') } catch {} })

@@ -62,6 +62,16 @@ export function simulatorForAgentUser (t: Test): string {
   return copy
 }
 
+/**
+ * Why agents cannot run as the agent user in this test run, or false. Besides
+ * root, the agent user must reach the checkout: under tap every Node.js child
+ * process (the server, and through it the agent) loads tap's process-info hook
+ * from node_modules, whatever environment it was given.
+ */
+export const agentUserCannotRun: string | false = needsRoot !== false
+  ? needsRoot
+  : ((problem) => problem === undefined ? false : `the agent user cannot reach this checkout, where tap's hook for child processes lives (${problem})`)(checkoutOutOfReach(NOBODY!.uid, NOBODY!.gid))
+
 export function uidOf (pid: number): number | undefined {
   try {
     return Number(/^Uid:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1])
