@@ -7,13 +7,12 @@
 // Two instances racing to claim one session: exactly one wins.
 
 import t from 'tap'
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { Redis } from 'ioredis'
 import { sandbox, waitForGone, type Sandbox } from './helpers/index.js'
-import { startServer, type ServerProcess } from './helpers/server-process.js'
+import { startServer, type ServerProcess, stopServer, tempStateDir } from './helpers/server-process.js'
 import { call, redisClient } from './helpers/cluster.js'
 import { redisMissing, startRedis } from './helpers/redis.js'
 import { ClusterKeys, createRedis } from '../lib/cluster/redis.js'
@@ -24,12 +23,6 @@ const ACP_SIMULATOR = fileURLToPath(new URL('./fixtures/fake-acp-agent.mjs', imp
 // Server starts on a busy 2-core machine take seconds; these only turn a hang into a failure.
 const GENEROUS_MS = 90_000
 const TTL_MS = 2000
-
-function stateDir (t: { after: (fn: () => unknown) => void }): string {
-  const dir = mkdtempSync(join(tmpdir(), 'agent-sessions-state-'))
-  t.after(() => rmSync(dir, { recursive: true, force: true }))
-  return dir
-}
 
 function cursorEnv (redisUrl: string, box: Sandbox, dir: string): Record<string, string> {
   return {
@@ -56,12 +49,6 @@ async function kill (server: ServerProcess): Promise<void> {
   await server.exited
 }
 
-async function stop (server: ServerProcess): Promise<void> {
-  if (server.proc.exitCode !== null || server.proc.signalCode !== null) return
-  server.proc.kill('SIGTERM')
-  await server.exited
-}
-
 function within<T> (promise: Promise<T>, ms: number, what: string): Promise<T> {
   return Promise.race([promise, new Promise<never>((_resolve, reject) => setTimeout(() => reject(new Error(`${what} took over ${ms} ms`)), ms))])
 }
@@ -73,10 +60,10 @@ if (missing !== null) {
   t.test('SIGKILL of the owner: another instance takes its sessions over and the conversation goes on (shared agent storage)', async (t) => {
     const redis = await startRedis(t)
     const box = sandbox(t)
-    const dirA = stateDir(t)
+    const dirA = tempStateDir(t)
     const a = await startServer(t, { env: cursorEnv(redis.url, box, dirA), timeoutMs: GENEROUS_MS })
-    const b = await startServer(t, { env: cursorEnv(redis.url, box, stateDir(t)), timeoutMs: GENEROUS_MS })
-    t.teardown(async () => { await stop(b) })
+    const b = await startServer(t, { env: cursorEnv(redis.url, box, tempStateDir(t)), timeoutMs: GENEROUS_MS })
+    t.teardown(async () => { await stopServer(b) })
     const id = (await call('POST', `${a.url}/api/session/start`)).json.session_id as string
     t.equal((await call('POST', `${a.url}/api/ask?session_id=${id}`, { question: 'remember green' })).status, 200)
     t.equal((await call('POST', `${b.url}/api/heartbeat?session_id=${id}`)).status, 200, 'B forwards to A while A lives')
@@ -98,7 +85,7 @@ if (missing !== null) {
 
     // A comes back (same STATE_DIR): a new instance, which forwards the session to B.
     const again = await startServer(t, { env: cursorEnv(redis.url, box, dirA), timeoutMs: GENEROUS_MS })
-    t.teardown(async () => { await stop(again) })
+    t.teardown(async () => { await stopServer(again) })
     const viaA = await call('POST', `${again.url}/api/heartbeat?session_id=${id}`)
     t.equal(viaA.status, 200)
     t.equal((await call('POST', `${again.url}/api/session/end?session_id=${id}`)).status, 200)
@@ -113,9 +100,9 @@ if (missing !== null) {
     const redis = await startRedis(t)
     const boxA = sandbox(t)
     const boxB = sandbox(t)
-    const a = await startServer(t, { env: cursorEnv(redis.url, boxA, stateDir(t)), timeoutMs: GENEROUS_MS })
-    const b = await startServer(t, { env: cursorEnv(redis.url, boxB, stateDir(t)), timeoutMs: GENEROUS_MS })
-    t.teardown(async () => { await stop(b) })
+    const a = await startServer(t, { env: cursorEnv(redis.url, boxA, tempStateDir(t)), timeoutMs: GENEROUS_MS })
+    const b = await startServer(t, { env: cursorEnv(redis.url, boxB, tempStateDir(t)), timeoutMs: GENEROUS_MS })
+    t.teardown(async () => { await stopServer(b) })
     const id = (await call('POST', `${a.url}/api/session/start`)).json.session_id as string
     t.equal((await call('POST', `${a.url}/api/ask?session_id=${id}`, { question: 'only on A' })).status, 200)
     await kill(a)
@@ -132,10 +119,10 @@ if (missing !== null) {
   t.test('ACP: the dead instance\'s session is loaded (session/load) on the instance that claims it; its agents are swept when it restarts', async (t) => {
     const redis = await startRedis(t)
     const box = sandbox(t)
-    const dirA = stateDir(t)
+    const dirA = tempStateDir(t)
     const a = await startServer(t, { env: acpEnv(redis.url, box, dirA), timeoutMs: GENEROUS_MS })
-    const b = await startServer(t, { env: acpEnv(redis.url, box, stateDir(t)), timeoutMs: GENEROUS_MS })
-    t.teardown(async () => { await stop(b) })
+    const b = await startServer(t, { env: acpEnv(redis.url, box, tempStateDir(t)), timeoutMs: GENEROUS_MS })
+    t.teardown(async () => { await stopServer(b) })
     const id = (await call('POST', `${a.url}/api/session/start`)).json.session_id as string
     t.equal((await call('POST', `${a.url}/api/ask?session_id=${id}`, { question: 'remember seven' })).status, 200)
     const agentsOfA = box.pids().map((p) => p.pid).filter(isProcessAlive)
@@ -150,11 +137,11 @@ if (missing !== null) {
 
     // A's agents outlived it (SIGKILL); its restart on the same STATE_DIR tears them down before it serves.
     const again = await startServer(t, { env: acpEnv(redis.url, box, dirA), timeoutMs: GENEROUS_MS })
-    t.teardown(async () => { await stop(again) })
+    t.teardown(async () => { await stopServer(again) })
     t.same(agentsOfA.filter(isProcessAlive), [], 'no agent of the dead instance is left after its restart')
     t.ok(again.logs.some((l) => l.msg === 'agent processes left by an earlier run torn down'))
-    await stop(again)
-    await stop(b)
+    await stopServer(again)
+    await stopServer(b)
     t.same(await waitForGone(box.pids().map((p) => p.pid), GENEROUS_MS), [], 'nothing left running')
   })
 

@@ -4,23 +4,16 @@
 // that gets their next request takes over at once and resumes.
 
 import t from 'tap'
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { sandbox, waitForGone } from './helpers/index.js'
-import { startServer, type ServerProcess } from './helpers/server-process.js'
+import { startServer, type ServerProcess, stopServer, tempStateDir } from './helpers/server-process.js'
 import { call, startInstance } from './helpers/cluster.js'
 import { redisMissing, startRedis } from './helpers/redis.js'
 
 const ACP_SIMULATOR = fileURLToPath(new URL('./fixtures/fake-acp-agent.mjs', import.meta.url))
 const GENEROUS_MS = 90_000
-
-async function stop (server: ServerProcess): Promise<void> {
-  if (server.proc.exitCode !== null || server.proc.signalCode !== null) return
-  server.proc.kill('SIGTERM')
-  await server.exited
-}
 
 const missing = redisMissing()
 if (missing !== null) {
@@ -47,8 +40,7 @@ if (missing !== null) {
     const redis = await startRedis(t)
     const box = sandbox(t)
     const env = (): Record<string, string> => {
-      const dir = mkdtempSync(join(tmpdir(), 'agent-sessions-state-'))
-      t.after(() => rmSync(dir, { recursive: true, force: true }))
+      const dir = tempStateDir(t)
       return {
         REDIS_URL: redis.url,
         // Long: a takeover that waited for the liveness key to expire would show.
@@ -62,7 +54,7 @@ if (missing !== null) {
     }
     const a = await startServer(t, { env: env(), timeoutMs: GENEROUS_MS })
     const b = await startServer(t, { env: env(), timeoutMs: GENEROUS_MS })
-    t.teardown(async () => { await Promise.all([stop(a), stop(b)]) })
+    t.teardown(async () => { await Promise.all([stopServer(a), stopServer(b)]) })
     const id = (await call('POST', `${a.url}/api/session/start`)).json.session_id as string
     t.equal((await call('POST', `${a.url}/api/ask?session_id=${id}`, { question: 'remember nine' })).status, 200)
 
@@ -78,7 +70,7 @@ if (missing !== null) {
     t.ok(Date.now() - startedAt < 60_000, 'without waiting for INSTANCE_TTL (60 s)')
     t.match(b.logs.find((l) => l.msg === 'session claimed'), { sessionId: id, from: '(released)' })
     t.match(readFileSync(join(box.stateDir, 'calls.log'), 'utf8'), /session\/load/)
-    await stop(b)
+    await stopServer(b)
     t.same(await waitForGone(box.pids().map((p) => p.pid), GENEROUS_MS), [], 'nothing left running')
   })
 }

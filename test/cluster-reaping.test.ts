@@ -3,19 +3,15 @@
 // first, each exactly once, and every instance then answers 404 `expired`.
 
 import t from 'tap'
-import { mkdtempSync, rmSync } from 'node:fs'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
 import { sandbox, type Sandbox } from './helpers/index.js'
-import { startServer, type ServerProcess } from './helpers/server-process.js'
+import { startServer, type ServerProcess, stopServer, tempStateDir } from './helpers/server-process.js'
 import { call, until } from './helpers/cluster.js'
 import { redisMissing, startRedis } from './helpers/redis.js'
 
 const GENEROUS_MS = 90_000
 
 function env (t: { after: (fn: () => unknown) => void }, redisUrl: string, box: Sandbox): Record<string, string> {
-  const dir = mkdtempSync(join(tmpdir(), 'agent-sessions-state-'))
-  t.after(() => rmSync(dir, { recursive: true, force: true }))
+  const dir = tempStateDir(t)
   return {
     REDIS_URL: redisUrl,
     INSTANCE_TTL: '2s',
@@ -27,12 +23,6 @@ function env (t: { after: (fn: () => unknown) => void }, redisUrl: string, box: 
   }
 }
 
-async function stop (server: ServerProcess): Promise<void> {
-  if (server.proc.exitCode !== null || server.proc.signalCode !== null) return
-  server.proc.kill('SIGTERM')
-  await server.exited
-}
-
 const missing = redisMissing()
 if (missing !== null) {
   t.plan(0, missing)
@@ -41,7 +31,7 @@ if (missing !== null) {
     const redis = await startRedis(t)
     const box = sandbox(t)
     const [a, b, c] = await Promise.all([1, 2, 3].map(async () => await startServer(t, { env: env(t, redis.url, box), timeoutMs: GENEROUS_MS })))
-    t.teardown(async () => { await Promise.all([stop(b), stop(c)]) })
+    t.teardown(async () => { await Promise.all([stopServer(b), stopServer(c)]) })
     const ids: string[] = []
     for (let i = 0; i < 3; i++) ids.push((await call('POST', `${a.url}/api/session/start`)).json.session_id as string)
     a.proc.kill('SIGKILL')

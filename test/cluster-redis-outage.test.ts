@@ -5,26 +5,16 @@
 // (each instance writes its sessions into the empty Redis again).
 
 import t from 'tap'
-import { mkdtempSync, rmSync } from 'node:fs'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
 import { sandbox, type Sandbox } from './helpers/index.js'
-import { spawnServer, startServer, type ServerProcess } from './helpers/server-process.js'
+import { spawnServer, startServer, type ServerProcess, stopServer, tempStateDir } from './helpers/server-process.js'
 import { call, until } from './helpers/cluster.js'
 import { freePort, redisMissing, startRedis } from './helpers/redis.js'
 
 const GENEROUS_MS = 90_000
 
 function env (t: { after: (fn: () => unknown) => void }, redisUrl: string, box: Sandbox): Record<string, string> {
-  const dir = mkdtempSync(join(tmpdir(), 'agent-sessions-state-'))
-  t.after(() => rmSync(dir, { recursive: true, force: true }))
+  const dir = tempStateDir(t)
   return { REDIS_URL: redisUrl, INSTANCE_TTL: '2s', STATE_DIR: dir, FAKE_AGENT_STATE_DIR: box.stateDir, AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR' }
-}
-
-async function stop (server: ServerProcess | Omit<ServerProcess, 'url'>): Promise<void> {
-  if (server.proc.exitCode !== null || server.proc.signalCode !== null) return
-  server.proc.kill('SIGTERM')
-  await server.exited
 }
 
 const missing = redisMissing()
@@ -36,7 +26,7 @@ if (missing !== null) {
     const box = sandbox(t)
     const a = await startServer(t, { env: env(t, redis.url, box), timeoutMs: GENEROUS_MS })
     const b = await startServer(t, { env: env(t, redis.url, box), timeoutMs: GENEROUS_MS })
-    t.teardown(async () => { await Promise.all([stop(a), stop(b)]) })
+    t.teardown(async () => { await Promise.all([stopServer(a), stopServer(b)]) })
     const id = (await call('POST', `${a.url}/api/session/start`)).json.session_id as string
     const doomed = (await call('POST', `${a.url}/api/session/start`)).json.session_id as string
     t.equal((await call('POST', `${b.url}/api/heartbeat?session_id=${id}`)).status, 200, 'B forwards to A')
@@ -96,7 +86,7 @@ if (missing !== null) {
     const port = await freePort()
     const box = sandbox(t)
     const server = spawnServer(t, env(t, `redis://127.0.0.1:${port}`, box))
-    t.teardown(async () => { await stop(server) })
+    t.teardown(async () => { await stopServer(server) })
     const listening = await until(async () => server.logs.find((l) => typeof l.msg === 'string' && l.msg.startsWith('Server listening at http://127.0.0.1')) ??
       (server.proc.exitCode !== null ? { msg: 'exited' } : undefined), 'the server to listen', GENEROUS_MS)
     t.not(listening.msg, 'exited', 'it starts without Redis')

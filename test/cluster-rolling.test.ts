@@ -5,12 +5,10 @@
 // session over. None fails.
 
 import t from 'tap'
-import { mkdtempSync, rmSync } from 'node:fs'
-import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { sandbox, waitForGone, type Sandbox } from './helpers/index.js'
-import { startServer, type ServerProcess } from './helpers/server-process.js'
+import { startServer, type ServerProcess, stopServer, tempStateDir } from './helpers/server-process.js'
 import { call } from './helpers/cluster.js'
 import { redisMissing, startRedis } from './helpers/redis.js'
 
@@ -18,8 +16,7 @@ const ACP_SIMULATOR = fileURLToPath(new URL('./fixtures/fake-acp-agent.mjs', imp
 const GENEROUS_MS = 90_000
 
 function env (t: { after: (fn: () => unknown) => void }, redisUrl: string, box: Sandbox): Record<string, string> {
-  const dir = mkdtempSync(join(tmpdir(), 'agent-sessions-state-'))
-  t.after(() => rmSync(dir, { recursive: true, force: true }))
+  const dir = tempStateDir(t)
   return {
     REDIS_URL: redisUrl,
     INSTANCE_TTL: '3s',
@@ -34,12 +31,6 @@ function env (t: { after: (fn: () => unknown) => void }, redisUrl: string, box: 
   }
 }
 
-async function stop (server: ServerProcess): Promise<void> {
-  if (server.proc.exitCode !== null || server.proc.signalCode !== null) return
-  server.proc.kill('SIGTERM')
-  await server.exited
-}
-
 const missing = redisMissing()
 if (missing !== null) {
   t.plan(0, missing)
@@ -49,7 +40,7 @@ if (missing !== null) {
     const box = sandbox(t)
     const a = await startServer(t, { env: env(t, redis.url, box), timeoutMs: GENEROUS_MS })
     const b = await startServer(t, { env: env(t, redis.url, box), timeoutMs: GENEROUS_MS })
-    t.teardown(async () => { await Promise.all([stop(a), stop(b)]) })
+    t.teardown(async () => { await Promise.all([stopServer(a), stopServer(b)]) })
     const id = (await call('POST', `${a.url}/api/session/start`)).json.session_id as string
     t.equal((await call('POST', `${a.url}/api/ask?session_id=${id}`, { question: 'remember four' })).status, 200)
 
@@ -77,7 +68,7 @@ if (missing !== null) {
     const answer = await call('POST', `${b.url}/api/ask?session_id=${id}`, { question: 'which number?' })
     t.equal(answer.status, 200, JSON.stringify(answer.json))
     t.match(answer.json.answer, /previous question "remember four"/)
-    await stop(b)
+    await stopServer(b)
     t.same(await waitForGone(box.pids().map((p) => p.pid), GENEROUS_MS), [], 'nothing left running')
   })
 }

@@ -11,19 +11,13 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { sandbox, waitFor, waitForGone, type Sandbox } from './helpers/index.js'
-import { post, spawnServer, startServer } from './helpers/server-process.js'
+import { post, spawnServer, startServer, tempStateDir } from './helpers/server-process.js'
 import { isProcessAlive } from '../lib/processes/terminate.js'
 import { processStartTime, bootId } from '../lib/processes/records.js'
 
 const ACP_SIMULATOR = fileURLToPath(new URL('./fixtures/fake-acp-agent.mjs', import.meta.url))
 // Restarts on a busy 2-core machine: a start with an orphan sweep took 9 s at load 16.
 const GENEROUS_MS = 90_000
-
-function stateDir (t: { after: (fn: () => unknown) => void }): string {
-  const dir = mkdtempSync(join(tmpdir(), 'agent-sessions-state-'))
-  t.after(() => rmSync(dir, { recursive: true, force: true }))
-  return dir
-}
 
 function acpEnv (box: Sandbox, dir: string, faults = ''): Record<string, string> {
   return {
@@ -46,7 +40,7 @@ function calls (box: Sandbox): string[] {
 
 t.test('SIGTERM with a store hibernates every session; the next start brings every id back with its context', async (t) => {
   const box = sandbox(t)
-  const dir = stateDir(t)
+  const dir = tempStateDir(t)
   const env = acpEnv(box, dir, 'ignore-sigterm,grandchild')
   const first = await startServer(t, { env })
   const ids: string[] = []
@@ -90,7 +84,7 @@ t.test('SIGTERM with a store hibernates every session; the next start brings eve
 
 t.test('SIGKILL leaves agents running; the next start tears them down before it serves, and leaves a stranger alone', async (t) => {
   const box = sandbox(t)
-  const dir = stateDir(t)
+  const dir = tempStateDir(t)
   const env = acpEnv(box, dir, 'ignore-sigterm,grandchild')
   const first = await startServer(t, { env })
   const ids: string[] = []
@@ -138,7 +132,7 @@ t.test('SIGKILL leaves agents running; the next start tears them down before it 
 
 t.test('the cursor driver\'s sessions survive a restart too', async (t) => {
   const box = sandbox(t)
-  const dir = stateDir(t)
+  const dir = tempStateDir(t)
   const env = { STATE_DIR: dir, FAKE_AGENT_STATE_DIR: box.stateDir, AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR' }
   const first = await startServer(t, { env })
   const id = (await post(`${first.url}/api/session/start`)).json.session_id as string
@@ -155,7 +149,7 @@ t.test('the cursor driver\'s sessions survive a restart too', async (t) => {
 
 t.test('ended ids keep their reason across a restart', async (t) => {
   const box = sandbox(t)
-  const dir = stateDir(t)
+  const dir = tempStateDir(t)
   const env = { STATE_DIR: dir, FAKE_AGENT_STATE_DIR: box.stateDir, AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR' }
   const first = await startServer(t, { env })
   const id = (await post(`${first.url}/api/session/start`)).json.session_id as string
@@ -172,7 +166,7 @@ t.test('ended ids keep their reason across a restart', async (t) => {
 
 t.test('a second server on the same STATE_DIR refuses to start, saying why', async (t) => {
   const box = sandbox(t)
-  const dir = stateDir(t)
+  const dir = tempStateDir(t)
   const env = { STATE_DIR: dir, FAKE_AGENT_STATE_DIR: box.stateDir }
   const first = await startServer(t, { env })
   const second = spawnServer(t, env)
@@ -186,7 +180,7 @@ t.test('a second server on the same STATE_DIR refuses to start, saying why', asy
 t.test('a damaged or newer state file is moved aside with a warning; the server starts; the process record is kept', async (t) => {
   for (const [what, text] of [['corrupt', '{"version":2,"sessions":[{"id":'], ['truncated', ''], ['newer', JSON.stringify({ version: 99, sessions: [], ended: [] })]] as const) {
     const box = sandbox(t)
-    const dir = stateDir(t)
+    const dir = tempStateDir(t)
     writeFileSync(join(dir, 'sessions.json'), text)
     const server = await startServer(t, { env: { STATE_DIR: dir, FAKE_AGENT_STATE_DIR: box.stateDir } })
     const warning = server.logs.find((l) => l.msg === 'session store unreadable: moved aside, starting with no stored sessions')
@@ -201,7 +195,7 @@ t.test('a damaged or newer state file is moved aside with a warning; the server 
 
 t.test('a state file of the previous format is migrated, not moved aside', async (t) => {
   const box = sandbox(t)
-  const dir = stateDir(t)
+  const dir = tempStateDir(t)
   const now = Date.now()
   const chat = '7f5e2c1a-0b9d-4c3e-8a6f-2d4b1e9c0a77'
   writeFileSync(join(dir, 'sessions.json'), JSON.stringify({

@@ -2,6 +2,8 @@
 // real signals, restarts and crashes. `npm test` builds dist/ before tap runs.
 
 import { spawn, type ChildProcess } from 'node:child_process'
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { SERVICE_ENV_NAMES } from '../../lib/config.js'
 import { ROOT, SIMULATOR, waitFor } from './index.js'
@@ -86,4 +88,18 @@ export async function post (url: string, body?: object): Promise<{ status: numbe
     ...(body === undefined ? {} : { body: JSON.stringify(body) })
   })
   return { status: res.status, json: await res.json() as Record<string, any>, headers: res.headers }
+}
+
+/** A STATE_DIR of its own for one server, removed after the test. */
+export function tempStateDir (t: { after: (fn: () => unknown) => void }): string {
+  const dir = mkdtempSync(join(tmpdir(), 'agent-sessions-state-'))
+  t.after(() => rmSync(dir, { recursive: true, force: true }))
+  return dir
+}
+
+/** SIGTERM, then waits for the exit; nothing to do for a server that already exited. */
+export async function stopServer (server: Pick<ServerProcess, 'proc' | 'exited'>): Promise<void> {
+  if (server.proc.exitCode !== null || server.proc.signalCode !== null) return
+  server.proc.kill('SIGTERM')
+  await server.exited
 }
