@@ -97,8 +97,10 @@ t.test('SIGKILL leaves agents running; the next start tears them down before it 
   await waitFor(() => box.pids().filter((p) => p.role === 'grandchild' && isProcessAlive(p.pid)).length === 2, 'two live grandchildren', GENEROUS_MS)
   first.proc.kill('SIGKILL')
   await first.exited
-  const orphans = box.pids().map((p) => p.pid).filter(isProcessAlive)
-  t.equal(orphans.length, 4, 'a SIGKILLed server leaves its two agents and their grandchildren running')
+  // The agents may leave by themselves once their stdin closes with the server; their grandchildren stay.
+  const oldRun = box.pids().map((p) => p.pid)
+  const orphans = box.pids().filter((p) => p.role === 'grandchild' && isProcessAlive(p.pid))
+  t.equal(orphans.length, 2, 'a SIGKILLed server leaves its agents\' grandchildren running')
 
   // A record whose pid now belongs to an unrelated process: it must survive the sweep.
   const stranger = spawn('sleep', ['120'], { detached: true, stdio: 'ignore' })
@@ -112,7 +114,7 @@ t.test('SIGKILL leaves agents running; the next start tears them down before it 
   const second = spawnServer(t, { ...env, KILL_GRACE: '1s' })
   await waitFor(() => second.logs.find((l) => typeof l.msg === 'string' && l.msg.startsWith('Server listening')), 'the restart to listen', GENEROUS_MS)
   const listenedAt = Date.now()
-  const alive = orphans.filter(isProcessAlive)
+  const alive = oldRun.filter(isProcessAlive)
   t.same(alive, [], `every agent of the old run was gone before the server served (${listenedAt - startedAt} ms after its start, KILL_GRACE 1 s)`)
   const sweep = second.logs.find((l) => l.msg === 'agent processes left by an earlier run torn down')
   t.match(sweep, { reaped: 2, notOurs: 1 })
