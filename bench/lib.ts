@@ -456,7 +456,7 @@ export interface ProcessServerOptions {
   sessions: number
   /** Simulator state dir of the standalone server's sessions (bench/run.ts checks its pids). */
   stateDir: string
-  /** STATE_DIR, the server's session store: on by default as for users, in `<stateDir>/store` (never the user's own); `off` for none. */
+  /** STATE_DIR, the server's session store: on by default as for users, in `<stateDir>/store-<port>` (never the user's own); `off` for none. */
   storeDir?: string
   /** Extra node flags (BENCH_SERVER_FLAGS: --cpu-prof ...). */
   nodeFlags?: string[]
@@ -489,7 +489,8 @@ export async function startStandalone (options: ProcessServerOptions): Promise<P
       FAKE_AGENT_STATE_DIR: options.stateDir,
       // The agent's environment is an allow-list.
       AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR',
-      STATE_DIR: options.storeDir ?? join(options.stateDir, 'store')
+      // One store per server, as the default (one per port): servers started side by side must not share it.
+      STATE_DIR: options.storeDir ?? join(options.stateDir, `store-${port}`)
     }),
     stdio: ['ignore', devNull, 'inherit']
   })
