@@ -4,6 +4,7 @@
 
 import { randomUUID } from 'node:crypto'
 import type { IncomingMessage } from 'node:http'
+import { setFlagsFromString } from 'node:v8'
 import Fastify from 'fastify'
 import closeWithGrace from 'close-with-grace'
 import envSchema from 'env-schema'
@@ -15,6 +16,15 @@ import { defaultStateDir, StateDirError } from './lib/state-dir.js'
 import { ConfigError, describeEnvError, envJsonSchema, exposureError, resolveConfig, type AgentSessionsConfig } from './lib/config.js'
 
 const REQUEST_ID = /^[\w.:-]{1,128}$/
+
+// V8 pretenures an allocation site whose objects mostly survive a young-generation
+// collection. Under steady request load, one collection that lands while the
+// session store writes (once a second) can tip the request path's sites over:
+// every request's objects then go straight to the old generation, young
+// collections take 10-15x longer and throughput drops by a third for as long
+// as the load lasts (bench/heartbeat.ts, issue 15). Short-lived request objects
+// gain nothing from pretenuring, so the standalone server turns it off.
+setFlagsFromString('--no-allocation-site-pretenuring')
 
 function loadConfig (): AgentSessionsConfig {
   try {

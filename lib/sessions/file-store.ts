@@ -87,22 +87,18 @@ export class FileStore implements SessionStore {
 
   touched (): void {
     this.#dirty = true
-    this.#timer ??= setTimeout(() => {
-      this.#timer = null
-      this.#writeSoon()
-    }, this.#batchMs)
-    this.#timer.unref()
+    this.#schedule()
   }
 
   ended (): void {
     void this.saved()
   }
 
+  /** Writes what is pending now: the write in flight, then one more for what came meanwhile. */
   async flush (): Promise<void> {
-    if (this.#timer !== null) {
-      clearTimeout(this.#timer)
-      this.#timer = null
-    }
+    this.#unschedule()
+    if (this.#writing !== null) await this.#writing
+    this.#unschedule()
     if (this.#dirty) this.#writeSoon()
     while (this.#writing !== null) await this.#writing
   }
@@ -115,6 +111,22 @@ export class FileStore implements SessionStore {
 
   health (): StoreHealth {
     return { kind: 'file', ok: this.#lastError === null, lastError: this.#lastError }
+  }
+
+  /** Activity goes out with the next batch, at most once per batchMs. */
+  #schedule (): void {
+    if (this.#timer !== null || this.#closed) return
+    this.#timer = setTimeout(() => {
+      this.#timer = null
+      this.#writeSoon()
+    }, this.#batchMs)
+    this.#timer.unref()
+  }
+
+  #unschedule (): void {
+    if (this.#timer === null) return
+    clearTimeout(this.#timer)
+    this.#timer = null
   }
 
   #writeSoon (): void {
@@ -148,6 +160,12 @@ export class FileStore implements SessionStore {
         if (this.#lastError !== null) this.#log.info({ file: this.#file }, 'session store writes again')
         this.#lastError = null
         this.#settleWaiting(covers)
+        // Activity that came during the write waits for its batch (under steady heartbeats the
+        // file would be rewritten back to back otherwise); a creation or an end goes out at once.
+        if (this.#dirty && this.#requested === covers && !this.#closing) {
+          this.#schedule()
+          return
+        }
       } catch (err) {
         this.#settleWaiting(covers)
         // A full or read-only disk must not take the service down: keep serving, retry a little later.
