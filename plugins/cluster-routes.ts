@@ -81,8 +81,8 @@ async function clusterRoutesPlugin (fastify: FastifyInstance): Promise<void> {
     const found = await store.lookup(sessionId)
     switch (found.kind) {
       case 'unknown':
-        // Redis came back empty a moment ago: its owner may not have written it again yet.
-        if (membership.recovering) throw stateUnavailable()
+        // Redis came back empty a moment ago (or just now: another secret): its owner may not have written it again yet.
+        if (!membership.secretCurrent(found.secret) || membership.recovering) throw stateUnavailable()
         return null
       case 'ended':
         throw sessionNotFound(sessionId, found)
@@ -122,14 +122,23 @@ async function clusterRoutesPlugin (fastify: FastifyInstance): Promise<void> {
     return { owner: chosen.id, url: chosen.url }
   }
 
-  /** MAX_SESSIONS_PER_CLIENT across the cluster (each instance also counts its own, atomically; this adds the others'). */
-  async function checkClientLimit (client: string): Promise<void> {
-    const held = await store.clientSessions(client)
-    if (held >= config.maxSessionsPerClient) {
+  // A start answers within START_TIMEOUT (plus a hop when forwarded); a place held longer belongs to an instance that died mid-start.
+  const clientPlaceTtlMs = config.startTimeoutMs + 30_000
+
+  /**
+   * MAX_SESSIONS_PER_CLIENT across the cluster: a place in the client's budget,
+   * taken atomically in Redis before the start runs anywhere and given back
+   * (by the returned function) once it has answered, when its session counts
+   * itself. Each instance also counts the client's sessions it runs.
+   */
+  async function reserveClientPlace (client: string): Promise<() => Promise<void>> {
+    const token = await store.reserveClientPlace(client, config.maxSessionsPerClient, clientPlaceTtlMs)
+    if (token === null) {
       throw new AgentSessionError('CLIENT_SESSION_LIMIT_REACHED',
         `This client already holds its maximum of ${config.maxSessionsPerClient} sessions (MAX_SESSIONS_PER_CLIENT) across the cluster: ` +
         'end one or try again later', { retryAfterSeconds: 30 })
     }
+    return async () => { await store.releaseClientPlace(client, token) }
   }
 
   function forward (request: FastifyRequest, reply: FastifyReply, target: Target, repeatable: boolean): Promise<Outcome> {
@@ -188,6 +197,7 @@ async function clusterRoutesPlugin (fastify: FastifyInstance): Promise<void> {
     const inner = route.handler as RouteHandlerMethod
     // A question or a start that may have reached a dying instance is not run again elsewhere (the agent acts on it).
     const repeatable = !isStart && route.schema?.operationId !== 'ask'
+    const isEnd = route.schema?.operationId === 'endSession'
     route.handler = async function clustered (this: FastifyInstance, request: FastifyRequest, reply: FastifyReply) {
       handled.add(request)
       const hop = request.headers[FORWARDED_HEADER]
@@ -197,25 +207,34 @@ async function clusterRoutesPlugin (fastify: FastifyInstance): Promise<void> {
         if (typeof client === 'string' && client !== '') forwardedClient.set(request, client)
       }
       const sessionId = (request.query as { session_id?: string }).session_id ?? ''
+      let releaseClientPlace: (() => Promise<void>) | null = null
       if (isStart && !forwarded && !manager.closed) {
         if (!cluster!.available()) throw stateUnavailable()
-        await checkClientLimit(clientAddress(request))
+        releaseClientPlace = await reserveClientPlace(clientAddress(request))
       }
-      for (let attempt = 0; ; attempt++) {
-        const target = isStart ? await admit(forwarded || attempt > 0) : await locate(sessionId, forwarded)
-        if (target === null) break
-        const outcome = await forward(request, reply, target, repeatable)
-        if (outcome === 'sent') return reply
-        if (isStart) break
-        // The owner is gone (its liveness key expires within INSTANCE_TTL) or stopping (it releases its sessions once hibernated).
-        const withinMs = outcome === 'closing' ? config.killGraceMs + ttlMs + 10_000 : ttlMs + 1000
-        log.info({ sessionId, owner: target.owner, outcome }, 'owner of the session cannot answer: taking it over once it lets go')
-        if (!(await ownerGone(sessionId, target.owner, withinMs)) || attempt >= 2) {
-          throw new AgentSessionError('INSTANCE_UNREACHABLE', 'The instance running this session cannot be reached: try again shortly',
-            { retryAfterSeconds: Math.ceil(ttlMs / 1000) })
+      try {
+        for (let attempt = 0; ; attempt++) {
+          const target = isStart ? await admit(forwarded || attempt > 0) : await locate(sessionId, forwarded)
+          if (target === null) break
+          const outcome = await forward(request, reply, target, repeatable)
+          if (outcome === 'sent') return reply
+          if (isStart) break
+          // The owner is gone (its liveness key expires within INSTANCE_TTL) or stopping (it releases its sessions once hibernated).
+          const withinMs = outcome === 'closing' ? config.killGraceMs + ttlMs + 10_000 : ttlMs + 1000
+          log.info({ sessionId, owner: target.owner, outcome }, 'owner of the session cannot answer: taking it over once it lets go')
+          if (!(await ownerGone(sessionId, target.owner, withinMs)) || attempt >= 2) {
+            throw new AgentSessionError('INSTANCE_UNREACHABLE', 'The instance running this session cannot be reached: try again shortly',
+              { retryAfterSeconds: Math.ceil(ttlMs / 1000) })
+          }
         }
+        const answer = await inner.call(this, request, reply)
+        // An end is in Redis before it answers: the client's next start, on any instance, finds its place free.
+        if (isEnd) await store.flush()
+        return answer
+      } finally {
+        // Before a local start's answer leaves: the client's next start finds its new session counted once, not twice.
+        await releaseClientPlace?.()
       }
-      return await inner.call(this, request, reply)
     }
   })
 

@@ -1,5 +1,6 @@
 // Limits across a cluster (a real redis-server): MAX_SESSIONS_PER_CLIENT
-// counts a client's sessions on every instance, and a SIGTERMed instance (a
+// counts a client's sessions on every instance, even for starts racing on
+// several instances at once, and a SIGTERMed instance (a
 // rolling deploy) hibernates and releases its sessions, which the instance
 // that gets their next request takes over at once and resumes.
 
@@ -9,7 +10,7 @@ import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { sandbox, waitForGone } from './helpers/index.js'
 import { startServer, type ServerProcess, stopServer, tempStateDir } from './helpers/server-process.js'
-import { call, startInstance } from './helpers/cluster.js'
+import { call, redisClient, startInstance } from './helpers/cluster.js'
 import { redisMissing, startRedis } from './helpers/redis.js'
 
 const ACP_SIMULATOR = fileURLToPath(new URL('./fixtures/fake-acp-agent.mjs', import.meta.url))
@@ -34,6 +35,27 @@ if (missing !== null) {
     t.equal((await call('POST', `${b.url}/api/session/end?session_id=${held}`)).status, 200)
     t.equal((await call('POST', `${b.url}/api/session/start`)).status, 200, 'the ended session no longer counts')
     t.equal((await call('POST', `${a.url}/api/session/start`)).status, 503, 'the new one on B counts on A')
+  })
+
+  t.test('starts racing on three instances never take a client past its limit across the cluster', async (t) => {
+    const redis = await startRedis(t)
+    const box = sandbox(t)
+    const limit = 2
+    const instances = await Promise.all([0, 1, 2].map(async () => await startInstance(t, box, redis.url, { maxSessionsPerClient: limit })))
+    // Each instance alone would let 2 through (its own count): only the cluster-wide place in Redis keeps the total at 2.
+    for (let round = 0; round < 3; round++) {
+      const starts = await Promise.all(instances.flatMap((i) => [0, 1].map(async () => await call('POST', `${i.url}/api/session/start`))))
+      const started = starts.filter((s) => s.status === 200)
+      t.equal(started.length, limit, `round ${round}: exactly ${limit} of ${starts.length} racing starts pass`)
+      t.same(new Set(starts.filter((s) => s.status !== 200).map((s) => `${s.status} ${String(s.json.error)}`)),
+        new Set(['503 CLIENT_SESSION_LIMIT_REACHED']), 'the others are refused with the per-client code')
+      // Ending them gives the places back: no start in flight keeps one.
+      for (const s of started) {
+        t.equal((await call('POST', `${instances[round].url}/api/session/end?session_id=${String(s.json.session_id)}`)).status, 200)
+      }
+    }
+    const client = redisClient(t, redis.url)
+    t.same(await client.keys('*client-starting*'), [], 'no place is left held once every start has answered')
   })
 
   t.test('SIGTERM of one instance: its sessions hibernate, are released, and the next request elsewhere resumes them at once', async (t) => {

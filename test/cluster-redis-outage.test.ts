@@ -7,7 +7,7 @@
 import t from 'tap'
 import { sandbox, type Sandbox } from './helpers/index.js'
 import { spawnServer, startServer, type ServerProcess, stopServer, tempStateDir } from './helpers/server-process.js'
-import { call, until } from './helpers/cluster.js'
+import { call, redisClient, until } from './helpers/cluster.js'
 import { freePort, redisMissing, startRedis } from './helpers/redis.js'
 
 const GENEROUS_MS = 90_000
@@ -80,6 +80,36 @@ if (missing !== null) {
     t.equal(a.proc.exitCode, null, 'A never crashed')
     t.equal(b.proc.exitCode, null, 'B never crashed')
     t.equal(a.logs.filter((l) => l.level === 60).length, 0, 'no fatal log line')
+  })
+
+  t.test('Redis emptied under running instances without a reconnect (a flush): never a 404 for a live session, all recovers', async (t) => {
+    const redis = await startRedis(t)
+    const box = sandbox(t)
+    const a = await startServer(t, { env: env(t, redis.url, box), timeoutMs: GENEROUS_MS })
+    const b = await startServer(t, { env: env(t, redis.url, box), timeoutMs: GENEROUS_MS })
+    t.teardown(async () => { await Promise.all([stopServer(a), stopServer(b)]) })
+    const id = (await call('POST', `${a.url}/api/session/start`)).json.session_id as string
+    t.equal((await call('POST', `${b.url}/api/heartbeat?session_id=${id}`)).status, 200, 'B forwards to A')
+
+    await redisClient(t, redis.url).flushall()
+    // B's next lookup finds nothing, and no cluster secret (or another one): A has not written its session again yet.
+    const answers: string[] = []
+    await until(async () => {
+      const res = await call('POST', `${b.url}/api/heartbeat?session_id=${id}`)
+      answers.push(res.status === 200 ? '200' : `${res.status} ${String(res.json.error)}`)
+      return res.status === 200
+    }, 'B to reach the session again', GENEROUS_MS)
+    t.same(answers.filter((a) => a !== '200' && a !== '503 STATE_UNAVAILABLE'), [], `only 200 or 503 STATE_UNAVAILABLE, never 404 (${answers.join(', ')})`)
+    t.ok(b.logs.some((l) => l.msg === 'Redis came back without its data: every instance writes its sessions again'), 'B noticed the lost data')
+    t.ok(a.logs.some((l) => typeof l.msg === 'string' && l.msg.startsWith('this instance\'s liveness key had expired')), 'A wrote its sessions again')
+    t.equal((await call('POST', `${b.url}/api/ask?session_id=${id}`, { question: 'still there?' })).status, 200, 'the session answers through B')
+    // An id nobody runs: 503 while the instances may still be writing theirs (INSTANCE_TTL and a little), then 404.
+    const nobody = `${b.url}/api/heartbeat?session_id=00000000-0000-4000-8000-000000000000`
+    const unknown = await until(async () => {
+      const res = await call('POST', nobody)
+      return res.status === 503 && res.json.error === 'STATE_UNAVAILABLE' ? null : res
+    }, 'the recovery window to pass', GENEROUS_MS)
+    t.equal(unknown.status, 404, 'then it is a 404 again')
   })
 
   t.test('an instance that starts while Redis is down serves its probes and joins once Redis comes', async (t) => {

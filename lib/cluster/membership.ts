@@ -75,6 +75,8 @@ export class Membership extends EventEmitter<MembershipEvents> {
   /** Until then, an id Redis does not know may be one whose owner has not written it again yet (Redis lost its data). */
   #recoveringUntil = 0
   #lastPublishOk = false
+  /** A resync after a lookup saw another secret (one at a time). */
+  #resync: Promise<void> | null = null
 
   constructor (options: MembershipOptions) {
     super()
@@ -109,6 +111,19 @@ export class Membership extends EventEmitter<MembershipEvents> {
   /** Whether Redis lost its data a moment ago and the instances are still writing theirs again. */
   get recovering (): boolean {
     return this.#now() < this.#recoveringUntil
+  }
+
+  /**
+   * Whether the cluster's secret as a lookup just read it is the one this
+   * instance knows. When not, Redis lost its data without this instance
+   * seeing a reconnect (a flush, a failover to an empty replica, a restart
+   * between two commands): it recovers as after a reconnect.
+   */
+  secretCurrent (seen: string): boolean {
+    if (this.#secret === null || seen === this.#secret) return true
+    this.#recoveringUntil = Math.max(this.#recoveringUntil, this.#now() + this.#ttlMs + 2000)
+    this.#resync ??= this.#onReady().finally(() => { this.#resync = null })
+    return false
   }
 
   /** The last view read (refreshed with every liveness write). */
@@ -224,6 +239,8 @@ export class Membership extends EventEmitter<MembershipEvents> {
       this.#lastPublishOk = true
       if (existed === 0 && this.#published) {
         this.#log.warn({ instanceId: this.#me, ttlMs: this.#ttlMs }, 'this instance\'s liveness key had expired: checking which sessions are still ours')
+        // Redis may have lost everything, the secret too.
+        await this.#syncSecret()
         this.emit('liveness-lost')
       }
       if (!this.#published) this.#log.info({ instanceId: this.#me, url: this.#url, ttlMs: this.#ttlMs }, 'instance joined the cluster')
@@ -236,6 +253,14 @@ export class Membership extends EventEmitter<MembershipEvents> {
   }
 
   async #onReady (): Promise<void> {
+    const dataLost = await this.#syncSecret()
+    if (dataLost === null) return
+    this.emit('reconnected', { dataLost })
+    if (this.#url !== null) this.#schedule(0)
+  }
+
+  /** Reads the cluster's secret (creating it in an empty Redis): whether Redis lost its data, null when it cannot be read. */
+  async #syncSecret (): Promise<boolean | null> {
     try {
       const fresh = randomBytes(24).toString('base64url')
       const created = await this.#redis.set(this.#keys.secret, fresh, 'NX')
@@ -247,10 +272,10 @@ export class Membership extends EventEmitter<MembershipEvents> {
         this.#log.warn({ instanceId: this.#me }, 'Redis came back without its data: every instance writes its sessions again')
       }
       this.#secret = secret
-      this.emit('reconnected', { dataLost })
-      if (this.#url !== null) this.#schedule(0)
+      return dataLost
     } catch (err) {
       this.#log.error({ err }, 'reading the cluster secret failed')
+      return null
     }
   }
 }

@@ -7,6 +7,7 @@
 // batchMs); creations are written before the start answers; ends at once, and
 // again later while Redis cannot be reached.
 
+import { randomUUID } from 'node:crypto'
 import type { Redis } from 'ioredis'
 import { AgentSessionError, type SessionEndReason } from '../errors.js'
 import type { Logger } from '../logger.js'
@@ -26,7 +27,8 @@ export interface RedisStoreOptions {
 
 /** What the store knows of a session: its record and who runs it. */
 export type Lookup =
-  | { kind: 'unknown' }
+  /** Not in Redis; `secret` is the cluster's secret as Redis has it now ('' when it has none). */
+  | { kind: 'unknown', secret: string }
   | { kind: 'ended', reason: SessionEndReason, idleMs: number }
   /** A live instance runs it. */
   | { kind: 'owned', owner: string, url: string }
@@ -61,6 +63,8 @@ export class RedisStore implements SessionStore {
   /** What was last written of each session's history: unchanged history is not sent again. */
   readonly #historyMark = new Map<string, string>()
   #timer: NodeJS.Timeout | null = null
+  /** Something pending must go out at once (an end, a turn, a flush), not with the next batch. */
+  #urgent = false
   #writing: Promise<void> | null = null
   #lastError: string | null = null
   #closed: Promise<void> | null = null
@@ -105,8 +109,12 @@ export class RedisStore implements SessionStore {
   touched (session: StoredSession): void {
     this.#touched.set(session.id, session)
     // A turn that ended is written at once: an instance that dies a moment later must not take it along.
-    if (this.#historyMark.get(session.id) !== historyMark(session)) this.#writeSoon()
-    else this.#schedule()
+    if (this.#historyMark.get(session.id) !== historyMark(session)) {
+      this.#urgent = true
+      this.#writeSoon()
+    } else {
+      this.#schedule()
+    }
   }
 
   ended (record: StoredEnded): void {
@@ -114,6 +122,7 @@ export class RedisStore implements SessionStore {
     this.#historyMark.delete(record.id)
     this.#ended.set(record.id, record)
     // An end is written at once (other instances must answer 404 with its reason), not with the next batch.
+    this.#urgent = true
     this.#writeSoon()
   }
 
@@ -122,6 +131,8 @@ export class RedisStore implements SessionStore {
       clearTimeout(this.#timer)
       this.#timer = null
     }
+    // Everything pending now goes out, with the batch in flight or right after it.
+    this.#urgent = true
     this.#writeSoon()
     while (this.#writing !== null) await this.#writing
   }
@@ -172,19 +183,36 @@ export class RedisStore implements SessionStore {
       case 'orphan':
         return { kind: 'orphan', owner: reply[1] }
       default:
-        return { kind: 'unknown' }
+        return { kind: 'unknown', secret: String(reply[1] ?? '') }
     }
   }
 
-  /** How many sessions the client address holds across the cluster. */
-  async clientSessions (client: string): Promise<number> {
+  /**
+   * Takes a place in the client's budget of `limit` sessions across the
+   * cluster for a start in flight: its token, or null when the client's
+   * sessions and starts in flight already fill it. The place lapses after
+   * ttlMs unless given back (releaseClientPlace) first.
+   */
+  async reserveClientPlace (client: string, limit: number, ttlMs: number): Promise<string | null> {
+    const token = `${this.#me}:${randomUUID()}`
     try {
-      const count = await this.#redis.scard(this.#keys.client(client))
+      const taken = await runScript(this.#redis, 'agentSessionsReserveClient',
+        this.#keys.client(client), this.#keys.clientStarting(client), limit, token, Math.max(1, Math.ceil(ttlMs)))
       this.#ok()
-      return count
+      return taken === 1 ? token : null
     } catch (err) {
       this.#failed(err, 'counting a client\'s sessions in Redis failed')
       throw stateUnavailable(err)
+    }
+  }
+
+  /** Gives back a place taken by reserveClientPlace (the start answered: its session, if any, counts itself now). */
+  async releaseClientPlace (client: string, token: string): Promise<void> {
+    try {
+      await this.#redis.zrem(this.#keys.clientStarting(client), token)
+    } catch (err) {
+      // It lapses by itself.
+      this.#failed(err, 'giving back a client\'s place in Redis failed')
     }
   }
 
@@ -286,9 +314,15 @@ export class RedisStore implements SessionStore {
   }
 
   async #write (): Promise<void> {
-    // What changes while a batch is written goes out right after it.
     while (this.#touched.size > 0 || this.#ended.size > 0) {
+      this.#urgent = false
       if (!(await this.#writeBatch())) return
+      // An end or a turn that came during the batch goes out right after it; mere activity
+      // waits for its batch (under steady heartbeats Redis would be written back to back otherwise).
+      if (!this.#urgent) {
+        if (this.#touched.size > 0) this.#schedule()
+        return
+      }
     }
   }
 

@@ -10,6 +10,7 @@
 //   P instance:<inst> liveness key: the instance's URL and free capacity (JSON), expiring after INSTANCE_TTL
 //   P instances       set of instance ids that may still own sessions
 //   P client:<addr>   set of the session ids a client address holds (MAX_SESSIONS_PER_CLIENT across the cluster)
+//   P client-starting:<addr>  sorted set of the client's starts in flight (score: when the place lapses, ms)
 //   P secret          marks requests one instance forwards to another (never sent to clients)
 //   P rate:...        the start rate limit (@fastify/rate-limit's Redis store)
 //
@@ -31,6 +32,7 @@ export class ClusterKeys {
   ended (id: string): string { return `${this.prefix}ended:${id}` }
   instance (instanceId: string): string { return `${this.prefix}instance:${instanceId}` }
   client (address: string): string { return `${this.prefix}client:${address}` }
+  clientStarting (address: string): string { return `${this.prefix}client-starting:${address}` }
   get unowned (): string { return `${this.prefix}unowned` }
   get instances (): string { return `${this.prefix}instances` }
   get secret (): string { return `${this.prefix}secret` }
@@ -51,6 +53,22 @@ redis.call('SADD', KEYS[2], ARGV[2])
 redis.call('SREM', KEYS[3], ARGV[2])
 local client = redis.call('HGET', KEYS[1], 'client')
 if client and client ~= '' then redis.call('SADD', KEYS[5], ARGV[2]) end
+return 1`
+  },
+  // KEYS: client:<addr>, client-starting:<addr>. ARGV: limit, token, ttl ms.
+  // Holds a place in a client's budget for a start in flight: 1 while the
+  // sessions it holds plus its starts in flight stay below the limit, so two
+  // starts racing on two instances cannot both take the last place. A place
+  // lapses after ttl ms (an instance that died mid-start gives it back).
+  agentSessionsReserveClient: {
+    keys: 2,
+    lua: `
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if redis.call('SCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return 1`
   },
   // KEYS: session. ARGV: me, field, value, ... Updates only a session this instance owns; 0 otherwise.
@@ -77,7 +95,9 @@ redis.call('SET', KEYS[4], ARGV[3], 'PX', ARGV[4])
 return 1`
   },
   // KEYS: session, ended. ARGV: prefix.
-  // {'unknown'} | {'ended', json} | {'owned', owner, instance JSON} | {'orphan', owner ('' when released)}
+  // {'unknown', secret ('' when none)} | {'ended', json} | {'owned', owner, instance JSON} | {'orphan', owner ('' when released)}
+  // An unknown id comes with the cluster's secret: a secret other than the
+  // caller's says Redis lost its data (the id's owner may not have written it again yet).
   agentSessionsLookup: {
     keys: 2,
     lua: `
@@ -85,7 +105,7 @@ local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner then
   local ended = redis.call('GET', KEYS[2])
   if ended then return {'ended', ended} end
-  return {'unknown'}
+  return {'unknown', redis.call('GET', ARGV[1] .. 'secret') or ''}
 end
 if owner ~= '' then
   local live = redis.call('GET', ARGV[1] .. 'instance:' .. owner)
