@@ -12,7 +12,8 @@ const BENCHMARKS: Record<string, () => Promise<{ run: () => Promise<BenchResult>
   precision: async () => await import('./precision.js'),
   acp: async () => await import('./acp.js'),
   'sse-fanout': async () => await import('./sse-fanout.js'),
-  durability: async () => await import('./durability.js')
+  durability: async () => await import('./durability.js'),
+  cluster: async () => await import('./cluster.js')
 }
 
 const name = process.argv[2] ?? ''

@@ -39,7 +39,7 @@ export const BENCH_DIR = fileURLToPath(new URL('.', import.meta.url))
 export const QUICK = process.argv.includes('--quick') || process.env.BENCH_QUICK === '1'
 
 /** The benchmarks bench/run.ts runs, in order. */
-export const BENCHMARKS = ['heartbeat', 'ask', 'teardown', 'reaper', 'memory', 'precision', 'acp', 'sse-fanout', 'durability'] as const
+export const BENCHMARKS = ['heartbeat', 'ask', 'teardown', 'reaper', 'memory', 'precision', 'acp', 'sse-fanout', 'durability', 'cluster'] as const
 
 /**
  * How long one quick-mode benchmark may run before bench/run.ts gives up on
