@@ -79,7 +79,9 @@ async function instance (redisUrl: string, agentState: string, dirs: string[]): 
     REDIS_URL: redisUrl,
     INSTANCE_TTL: `${TTL_MS}ms`,
     STATE_DIR: stateDir,
+    // One client (this benchmark) starts every session.
     START_RATE_LIMIT: '1000',
+    MAX_SESSIONS_PER_CLIENT: '1000',
     CURSOR_AGENT_BIN: SIMULATOR,
     FAKE_AGENT_STATE_DIR: agentState,
     AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR'
@@ -87,6 +89,12 @@ async function instance (redisUrl: string, agentState: string, dirs: string[]): 
   const url = `http://127.0.0.1:${port}`
   await until(async () => (await fetch(`${url}/api/health/ready`)).status === 200, 'an instance to be ready')
   return { ...proc, url }
+}
+
+async function startSession (url: string): Promise<string> {
+  const res = await post(`${url}/api/session/start`)
+  if (res.status !== 200) throw new Error(`a start answered ${res.status}: ${JSON.stringify(res.json)}`)
+  return res.json.session_id as string
 }
 
 /** Sequential heartbeats over one keep-alive connection; milliseconds each. */
@@ -151,7 +159,7 @@ export async function run (): Promise<BenchResult> {
     }), 'redis-server to accept connections')
     const [a, b, c] = await Promise.all([0, 1, 2].map(async () => await instance(redisUrl, agentState, dirs)))
     procs.push(a, b, c)
-    const id = (await post(`${a.url}/api/session/start`)).json.session_id as string
+    const id = await startSession(a.url)
     const direct = `${a.url}/api/heartbeat?session_id=${id}`
     const forwarded = `${b.url}/api/heartbeat?session_id=${id}`
     await latencies(direct, QUICK ? 20 : 200)
@@ -177,7 +185,7 @@ export async function run (): Promise<BenchResult> {
     const owned = new Map<string, string[]>()
     for (const node of [a, b, c]) {
       const ids: string[] = []
-      for (let i = 0; i < perInstance; i++) ids.push((await post(`${node.url}/api/session/start`)).json.session_id as string)
+      for (let i = 0; i < perInstance; i++) ids.push(await startSession(node.url))
       owned.set(node.url, ids)
     }
     const everyId = [...owned.values()].flat()
@@ -202,7 +210,7 @@ export async function run (): Promise<BenchResult> {
 
     // Losing an instance: sessions on A, A killed, each asked through B.
     const sessions: string[] = []
-    for (let i = 0; i < (QUICK ? 2 : 5); i++) sessions.push((await post(`${a.url}/api/session/start`)).json.session_id as string)
+    for (let i = 0; i < (QUICK ? 2 : 5); i++) sessions.push(await startSession(a.url))
     await sleep(300)
     const killedAt = performance.now()
     await stop(a, 'SIGKILL')
