@@ -92,6 +92,9 @@ async function clusterRoutesPlugin (fastify: FastifyInstance): Promise<void> {
         // Forwarded here, yet another live instance has it now: never forward twice (no loops).
         throw moved()
       case 'orphan': {
+        // Its owner's liveness key is gone. Right after Redis lost its data a live owner may have
+        // written its session again before advertising itself: never take a session from it then.
+        if (found.owner !== '' && (!membership.secretCurrent(found.secret) || membership.recovering)) throw stateUnavailable()
         const target = await adopt(sessionId)
         if (target !== null && forwarded) throw moved()
         return target
@@ -201,14 +204,17 @@ async function clusterRoutesPlugin (fastify: FastifyInstance): Promise<void> {
     route.handler = async function clustered (this: FastifyInstance, request: FastifyRequest, reply: FastifyReply) {
       handled.add(request)
       const hop = request.headers[FORWARDED_HEADER]
+      // Any mark stops a second forward (no loops); only the cluster's secret vouches for what the mark carries.
       const forwarded = hop !== undefined
-      if (forwarded && membership.secret !== null && hop === membership.secret) {
+      const vouched = forwarded && membership.secret !== null && hop === membership.secret
+      if (vouched) {
         const client = request.headers[CLIENT_HEADER]
         if (typeof client === 'string' && client !== '') forwardedClient.set(request, client)
       }
       const sessionId = (request.query as { session_id?: string }).session_id ?? ''
       let releaseClientPlace: (() => Promise<void>) | null = null
-      if (isStart && !forwarded && !manager.closed) {
+      // A start forwarded by an instance holds the place that instance took; one with a forged mark takes its own.
+      if (isStart && !vouched && !manager.closed) {
         if (!cluster!.available()) throw stateUnavailable()
         releaseClientPlace = await reserveClientPlace(clientAddress(request))
       }
@@ -228,7 +234,7 @@ async function clusterRoutesPlugin (fastify: FastifyInstance): Promise<void> {
           }
         }
         const answer = await inner.call(this, request, reply)
-        // An end is in Redis before it answers: the client's next start, on any instance, finds its place free.
+        // An end is in Redis before it answers (while Redis answers): the client's next start, on any instance, finds its place free.
         if (isEnd) await store.flush()
         return answer
       } finally {

@@ -35,6 +35,10 @@ if (missing !== null) {
     t.equal((await call('POST', `${b.url}/api/session/end?session_id=${held}`)).status, 200)
     t.equal((await call('POST', `${b.url}/api/session/start`)).status, 200, 'the ended session no longer counts')
     t.equal((await call('POST', `${a.url}/api/session/start`)).status, 503, 'the new one on B counts on A')
+    // A client that forges the mark of a forwarded request still counts against its limit.
+    const forged = await call('POST', `${a.url}/api/session/start`, undefined, { 'x-agent-sessions-forwarded': 'forged' })
+    t.equal(forged.status, 503, 'a start with a forged forwarding mark is counted too')
+    t.equal(forged.json.error, 'CLIENT_SESSION_LIMIT_REACHED')
   })
 
   t.test('starts racing on three instances never take a client past its limit across the cluster', async (t) => {

@@ -85,13 +85,24 @@ if (missing !== null) {
   t.test('Redis emptied under running instances without a reconnect (a flush): never a 404 for a live session, all recovers', async (t) => {
     const redis = await startRedis(t)
     const box = sandbox(t)
-    const a = await startServer(t, { env: env(t, redis.url, box), timeoutMs: GENEROUS_MS })
-    const b = await startServer(t, { env: env(t, redis.url, box), timeoutMs: GENEROUS_MS })
+    // A liveness key written every 3.3 s, activity every second: after the flush A writes its
+    // session again (with its next batch) well before it advertises itself again.
+    const slowLiveness = { ...env(t, redis.url, box), INSTANCE_TTL: '10s' }
+    const a = await startServer(t, { env: slowLiveness, timeoutMs: GENEROUS_MS })
+    const b = await startServer(t, { env: { ...slowLiveness, STATE_DIR: tempStateDir(t) }, timeoutMs: GENEROUS_MS })
     t.teardown(async () => { await Promise.all([stopServer(a), stopServer(b)]) })
     const id = (await call('POST', `${a.url}/api/session/start`)).json.session_id as string
     t.equal((await call('POST', `${b.url}/api/heartbeat?session_id=${id}`)).status, 200, 'B forwards to A')
 
     await redisClient(t, redis.url).flushall()
+    // The client keeps the session busy on A too, so A's batches find it gone from Redis and write it again.
+    let beating = true
+    const onA = (async () => {
+      while (beating) {
+        await call('POST', `${a.url}/api/heartbeat?session_id=${id}`)
+        await new Promise((resolve) => setTimeout(resolve, 50))
+      }
+    })()
     // B's next lookup finds nothing, and no cluster secret (or another one): A has not written its session again yet.
     const answers: string[] = []
     await until(async () => {
@@ -99,7 +110,11 @@ if (missing !== null) {
       answers.push(res.status === 200 ? '200' : `${res.status} ${String(res.json.error)}`)
       return res.status === 200
     }, 'B to reach the session again', GENEROUS_MS)
+    beating = false
+    await onA
     t.same(answers.filter((a) => a !== '200' && a !== '503 STATE_UNAVAILABLE'), [], `only 200 or 503 STATE_UNAVAILABLE, never 404 (${answers.join(', ')})`)
+    t.notOk(b.logs.some((l) => l.msg === 'session claimed' && l.sessionId === id), 'B never took the session from A, which was alive all along')
+    t.equal((await call('POST', `${a.url}/api/heartbeat?session_id=${id}`)).status, 200, 'A still runs it')
     t.ok(b.logs.some((l) => l.msg === 'Redis came back without its data: every instance writes its sessions again'), 'B noticed the lost data')
     t.ok(a.logs.some((l) => typeof l.msg === 'string' && l.msg.startsWith('this instance\'s liveness key had expired')), 'A wrote its sessions again')
     t.equal((await call('POST', `${b.url}/api/ask?session_id=${id}`, { question: 'still there?' })).status, 200, 'the session answers through B')

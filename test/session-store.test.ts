@@ -100,10 +100,18 @@ t.test('redis store: steady activity is written once per batch, an end at once',
   t.ok(writes <= batches + 2, `${writes} writes in ${Math.round(elapsed)} ms of steady heartbeats: at most one per ${BATCH_MS} ms batch, and the flush (${batches + 2})`)
   t.equal(Number(await redis.hget(keys.session('b'), 'lastActivity')), session.lastActivity, 'the latest activity is in Redis after a flush')
 
-  // An end does not wait for the batch.
-  store.ended({ id: 'b', reason: 'ended', idleMs: 0, endedAt: Date.now() })
-  const deadline = Date.now() + 60_000
-  while (await redis.exists(keys.ended('b')) === 0 && Date.now() < deadline) await turn()
-  t.equal(await redis.exists(keys.session('b')), 0, 'the end is written without waiting for a batch')
   await store.close()
+
+  // An end does not wait for the batch: with a batch of an hour, only a write at once lands within the deadline.
+  const slow = new RedisStore({ redis, keys, instanceId: 'me', log: silentLogger, batchMs: 3_600_000 })
+  const ending = storedSession('c')
+  slow.attach({ sessions: () => [ending], ended: () => [] })
+  await slow.saved(ending)
+  slow.touched({ ...ending, lastActivity: ending.lastActivity + 1 })
+  slow.ended({ id: 'c', reason: 'ended', idleMs: 0, endedAt: Date.now() })
+  const deadline = Date.now() + 60_000
+  while (await redis.exists(keys.ended('c')) === 0 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 10))
+  t.equal(await redis.exists(keys.ended('c')), 1, 'the end is written without waiting for the batch')
+  t.equal(await redis.exists(keys.session('c')), 0, 'and the session is gone from Redis')
+  await slow.close()
 })

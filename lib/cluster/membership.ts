@@ -122,7 +122,12 @@ export class Membership extends EventEmitter<MembershipEvents> {
   secretCurrent (seen: string): boolean {
     if (this.#secret === null || seen === this.#secret) return true
     this.#recoveringUntil = Math.max(this.#recoveringUntil, this.#now() + this.#ttlMs + 2000)
-    this.#resync ??= this.#onReady().finally(() => { this.#resync = null })
+    // Replies in flight when a resync ends still carry the old secret: each resync reads it again, and only a loss is news.
+    this.#resync ??= this.#syncSecret().then((dataLost) => {
+      if (dataLost !== true) return
+      this.emit('reconnected', { dataLost })
+      if (this.#url !== null) this.#schedule(0)
+    }).finally(() => { this.#resync = null })
     return false
   }
 

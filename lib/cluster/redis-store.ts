@@ -32,8 +32,8 @@ export type Lookup =
   | { kind: 'ended', reason: SessionEndReason, idleMs: number }
   /** A live instance runs it. */
   | { kind: 'owned', owner: string, url: string }
-  /** Its owner is gone, or released it when it stopped ('' then): any instance may claim it. */
-  | { kind: 'orphan', owner: string }
+  /** Its owner is gone, or released it when it stopped ('' then): any instance may claim it. `secret` as for unknown. */
+  | { kind: 'orphan', owner: string, secret: string }
 
 export type Claim =
   | { outcome: 'claimed', from: string, stored: StoredSession }
@@ -178,10 +178,11 @@ export class RedisStore implements SessionStore {
       case 'owned': {
         const live = parseJson(reply[2]) as { url?: string } | null
         if (typeof live?.url === 'string') return { kind: 'owned', owner: reply[1], url: live.url }
-        return { kind: 'orphan', owner: reply[1] }
+        // A liveness record that cannot be read: as good as none (the secret is not at hand; '' never matches).
+        return { kind: 'orphan', owner: reply[1], secret: '' }
       }
       case 'orphan':
-        return { kind: 'orphan', owner: reply[1] }
+        return { kind: 'orphan', owner: reply[1], secret: String(reply[2] ?? '') }
       default:
         return { kind: 'unknown', secret: String(reply[1] ?? '') }
     }
@@ -201,6 +202,8 @@ export class RedisStore implements SessionStore {
       this.#ok()
       return taken === 1 ? token : null
     } catch (err) {
+      // The script may still have run (a reply that came too late): the place must not stay held until it lapses.
+      this.#redis.zrem(this.#keys.clientStarting(client), token).catch(() => {})
       this.#failed(err, 'counting a client\'s sessions in Redis failed')
       throw stateUnavailable(err)
     }
@@ -319,7 +322,7 @@ export class RedisStore implements SessionStore {
       if (!(await this.#writeBatch())) return
       // An end or a turn that came during the batch goes out right after it; mere activity
       // waits for its batch (under steady heartbeats Redis would be written back to back otherwise).
-      if (!this.#urgent) {
+      if (!this.#urgent && this.#closed === null) {
         if (this.#touched.size > 0) this.#schedule()
         return
       }

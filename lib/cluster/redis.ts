@@ -95,9 +95,10 @@ redis.call('SET', KEYS[4], ARGV[3], 'PX', ARGV[4])
 return 1`
   },
   // KEYS: session, ended. ARGV: prefix.
-  // {'unknown', secret ('' when none)} | {'ended', json} | {'owned', owner, instance JSON} | {'orphan', owner ('' when released)}
-  // An unknown id comes with the cluster's secret: a secret other than the
-  // caller's says Redis lost its data (the id's owner may not have written it again yet).
+  // {'unknown', secret} | {'ended', json} | {'owned', owner, instance JSON} | {'orphan', owner ('' when released), secret}
+  // An unknown id and an orphan come with the cluster's secret ('' when none):
+  // a secret other than the caller's says Redis lost its data (the id's owner
+  // may not have written it, or advertised itself, again yet).
   agentSessionsLookup: {
     keys: 2,
     lua: `
@@ -111,7 +112,7 @@ if owner ~= '' then
   local live = redis.call('GET', ARGV[1] .. 'instance:' .. owner)
   if live then return {'owned', owner, live} end
 end
-return {'orphan', owner}`
+return {'orphan', owner, redis.call('GET', ARGV[1] .. 'secret') or ''}`
   },
   // KEYS: session, owned:me, unowned. ARGV: me, prefix, id.
   // The claim succeeds only when the session's owner is this instance, or has
