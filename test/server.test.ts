@@ -67,7 +67,13 @@ t.test('an idle server exits promptly on SIGTERM and says so', async (t) => {
   const server = await startServer(t, box)
   const start = await post(`${server.url}/api/session/start`)
   t.equal(start.status, 200)
-  t.match(start.headers.get('x-request-id'), /^[0-9a-f-]{36}$/)
+  // Made here: this process's random prefix and a counter, so ids never repeat within or across processes.
+  const made = /^([0-9a-f]{12})-([0-9a-z]+)$/
+  const first = made.exec(start.headers.get('x-request-id') ?? '')
+  const second = made.exec((await fetch(`${server.url}/api/health`)).headers.get('x-request-id') ?? '')
+  t.ok(first !== null && second !== null, 'made request ids are a 12-hex prefix and a base-36 counter')
+  t.equal(first?.[1], second?.[1], 'one prefix per process')
+  t.ok(parseInt(second?.[2] ?? '0', 36) > parseInt(first?.[2] ?? '0', 36), 'the counter grows')
   const traced = await fetch(`${server.url}/api/health`, { headers: { 'x-request-id': 'trace-42' } })
   t.equal(traced.headers.get('x-request-id'), 'trace-42', 'a well-formed client request id is kept')
   const hostile = await fetch(`${server.url}/api/health`, { headers: { 'x-request-id': 'x'.repeat(300) } })
