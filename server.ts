@@ -16,8 +16,8 @@ import { defaultStateDir, StateDirError } from './lib/state-dir.js'
 import { ConfigError, describeEnvError, envJsonSchema, exposureError, resolveConfig, type AgentSessionsConfig } from './lib/config.js'
 
 const REQUEST_ID = /^[\w.:-]{1,128}$/
-// A request id of our own: this process's random prefix and a counter. As
-// unique across instances and restarts as a UUID for tracing, at a fraction of
+// A request id of our own: this process's random 48-bit prefix and a counter,
+// unique within the process and unlikely to meet another's, at a fraction of
 // randomUUID()'s cost (about 2 % of a heartbeat's instructions, counted with
 // callgrind: see Performance in the README).
 const REQUEST_ID_PREFIX = randomBytes(6).toString('hex')
