@@ -2,7 +2,6 @@
 // Standalone entry: read the environment, build Fastify with a logger, register
 // the app, close gracefully on SIGINT/SIGTERM, listen.
 
-import { randomBytes } from 'node:crypto'
 import type { IncomingMessage } from 'node:http'
 import { setFlagsFromString } from 'node:v8'
 import Fastify from 'fastify'
@@ -10,18 +9,12 @@ import closeWithGrace from 'close-with-grace'
 import envSchema from 'env-schema'
 import pino from 'pino'
 import agentSessions from './app.js'
-import { clientErrorHandler, receiveTimeoutOptions, sendError, toAgentSessionError, trustProxyOption } from './plugins/http.js'
+import { clientErrorHandler, newRequestId, receiveTimeoutOptions, sendError, toAgentSessionError, trustProxyOption } from './plugins/http.js'
 import { killTrackedGroupsNow } from './lib/processes/terminate.js'
 import { defaultStateDir, StateDirError } from './lib/state-dir.js'
 import { ConfigError, describeEnvError, envJsonSchema, exposureError, resolveConfig, type AgentSessionsConfig } from './lib/config.js'
 
 const REQUEST_ID = /^[\w.:-]{1,128}$/
-// A request id of our own: this process's random 48-bit prefix and a counter,
-// unique within the process and unlikely to meet another's, at a fraction of
-// randomUUID()'s cost (about 2 % of a heartbeat's instructions, counted with
-// callgrind: see Performance in the README).
-const REQUEST_ID_PREFIX = randomBytes(6).toString('hex')
-let requestCount = 0
 
 // V8 pretenures an allocation site whose objects mostly survive a young-generation
 // collection. Under steady request load, one collection that lands while the
@@ -75,7 +68,7 @@ const fastify = Fastify({
   requestIdHeader: false,
   genReqId: (req: IncomingMessage) => {
     const given = req.headers['x-request-id']
-    return typeof given === 'string' && REQUEST_ID.test(given) ? given : `${REQUEST_ID_PREFIX}-${(++requestCount).toString(36)}`
+    return typeof given === 'string' && REQUEST_ID.test(given) ? given : newRequestId()
   },
   // The app answers requests that arrive while closing itself, with its JSON error shape.
   return503OnClosing: false,

@@ -2,7 +2,7 @@
 // client posts Content-Type: application/json with no body), X-Request-ID on
 // every response, one error shape, and prompt connection close on shutdown.
 
-import { randomUUID } from 'node:crypto'
+import { randomBytes } from 'node:crypto'
 import { STATUS_CODES as HTTP_STATUS_TEXT } from 'node:http'
 import type { Socket } from 'node:net'
 import fp from 'fastify-plugin'
@@ -25,6 +25,18 @@ const STATUS_CODES: Partial<Record<number, ErrorCode>> = {
   415: 'UNSUPPORTED_MEDIA_TYPE',
   429: 'RATE_LIMITED',
   503: 'SERVICE_UNAVAILABLE'
+}
+
+// Request ids the server makes: this process's random 48-bit prefix and a
+// counter, unique within the process and unlikely to meet another's, at a
+// fraction of randomUUID()'s cost (about 2 % of a heartbeat's instructions,
+// counted with callgrind: see Performance in the README).
+const REQUEST_ID_PREFIX = randomBytes(6).toString('hex')
+let requestCount = 0
+
+/** A new request id: the standalone server's genReqId and the errors Node's parser raises before any route. */
+export function newRequestId (): string {
+  return `${REQUEST_ID_PREFIX}-${(++requestCount).toString(36)}`
 }
 
 /** Maps anything thrown in a request to the API's error; unknown failures never leak their message. */
@@ -79,7 +91,7 @@ export function clientErrorHandler (this: FastifyInstance, err: Error & { code?:
     : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
       ? new AgentSessionError('REQUEST_RECEIVE_TIMEOUT', 'The request was not received in time: send its headers and body without pausing')
       : new AgentSessionError('INVALID_REQUEST', 'Malformed HTTP request')
-  const requestId = randomUUID()
+  const requestId = newRequestId()
   this.log.info({ reqId: requestId, code: apiError.code, statusCode: apiError.statusCode, parserError: err.code }, 'request rejected before routing')
   if (socket.writable) {
     const body = JSON.stringify({ error: apiError.code, details: apiError.message, request_id: requestId, timestamp: new Date().toISOString() })

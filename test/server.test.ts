@@ -67,7 +67,7 @@ t.test('an idle server exits promptly on SIGTERM and says so', async (t) => {
   const server = await startServer(t, box)
   const start = await post(`${server.url}/api/session/start`)
   t.equal(start.status, 200)
-  // Made here: this process's random prefix and a counter, so ids never repeat within or across processes.
+  // Made here: this process's random prefix and a counter, so ids never repeat within the process.
   const made = /^([0-9a-f]{12})-([0-9a-z]+)$/
   const first = made.exec(start.headers.get('x-request-id') ?? '')
   const second = made.exec((await fetch(`${server.url}/api/health`)).headers.get('x-request-id') ?? '')
