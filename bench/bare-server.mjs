@@ -7,10 +7,22 @@
 // Environment: PORT, HOST (127.0.0.1), LOG_LEVEL (info), BARE_SESSIONS (how
 // many entries the Map holds). Prints the ids it holds as one JSON line on fd 3
 // (when open), so the benchmark can heartbeat one of them; logs go to stdout.
+//
+// BARE_BESIDE_APP=1: the same bare route, with the whole app (dist/app.js)
+// also registered in this process on a second Fastify instance that never
+// listens, with BARE_SESSIONS sessions started through it (the agent and
+// STATE_DIR come from the environment, as for the standalone server). Its
+// heartbeats then run no line of the app, yet in a process that has loaded it,
+// spawned agents and written its store: what that alone costs a request
+// (V8's feedback for Node's stream and event code is shared by the whole
+// process) is the difference to the plain bare server.
 
 import { randomUUID } from 'node:crypto'
 import { writeSync } from 'node:fs'
+import { setFlagsFromString } from 'node:v8'
 import Fastify from 'fastify'
+
+const besideApp = process.env.BARE_BESIDE_APP === '1'
 
 const sessions = Number(process.env.BARE_SESSIONS ?? '1')
 const map = new Map()
@@ -33,11 +45,25 @@ app.post('/api/heartbeat', async (request, reply) => {
   }
 })
 
+let idleApp
+if (besideApp) {
+  // As server.ts does, so the two processes differ only in where the heartbeat is answered.
+  setFlagsFromString('--no-allocation-site-pretenuring')
+  const { default: agentSessions } = await import('../dist/app.js')
+  idleApp = Fastify({ logger: false })
+  await idleApp.register(agentSessions)
+  await idleApp.ready()
+  for (let i = 0; i < sessions; i++) {
+    const res = await idleApp.inject({ method: 'POST', url: '/api/session/start' })
+    if (res.statusCode !== 200) throw new Error(`the app beside the bare route answered a start with ${res.statusCode}: ${res.body}`)
+  }
+}
+
 await app.listen({ host: process.env.HOST ?? '127.0.0.1', port: Number(process.env.PORT ?? '0') })
 try {
   writeSync(3, JSON.stringify({ ids: [...map.keys()] }) + '\n')
 } catch {}
 // Close on a signal like the standalone server does (and so a --cpu-prof profile is written).
 for (const signal of ['SIGINT', 'SIGTERM']) {
-  process.once(signal, () => { void app.close().then(() => process.exit(0)) })
+  process.once(signal, () => { void Promise.all([app.close(), idleApp?.close()]).then(() => process.exit(0)) })
 }

@@ -464,19 +464,23 @@ export interface ProcessServerOptions {
   entry?: string
 }
 
+let built = false
+
+/** dist/ as the sources are, built once per benchmark process if stale. */
+function ensureBuilt (): void {
+  if (built) return
+  execFileSync(process.execPath, [join(ROOT, 'scripts', 'ensure-built.mjs')], { cwd: ROOT, stdio: 'inherit' })
+  built = true
+}
+
 /**
  * The standalone server as the README starts it (`npm start`: build if stale,
  * then `node dist/server.js`; `npm run demo`: against the simulator), with its
  * defaults but LOG_LEVEL, on a free loopback port. Its logs go to /dev/null:
  * the figures are the server's cost to write them, not a log pipeline's.
  */
-let built = false
-
 export async function startStandalone (options: ProcessServerOptions): Promise<ProcessServer> {
-  if (!built && options.entry === undefined) {
-    execFileSync(process.execPath, [join(ROOT, 'scripts', 'ensure-built.mjs')], { cwd: ROOT, stdio: 'inherit' })
-    built = true
-  }
+  if (options.entry === undefined) ensureBuilt()
   const port = await freePort()
   const devNull = openSync('/dev/null', 'w')
   const child = spawn(process.execPath, [...(options.nodeFlags ?? []), options.entry ?? join(ROOT, 'dist', 'server.js')], {
@@ -524,12 +528,33 @@ export async function startStandalone (options: ProcessServerOptions): Promise<P
 }
 
 /** The baseline: bench/bare-server.mjs under plain `node`, same LOG_LEVEL, as many Map entries as sessions. */
-export async function startBareProcess (options: Omit<ProcessServerOptions, 'stateDir'>): Promise<ProcessServer> {
+export interface BareProcessOptions extends Omit<ProcessServerOptions, 'stateDir' | 'storeDir' | 'entry'> {
+  /** The whole app registered beside the bare route, idle, with `sessions` sessions (bench/bare-server.mjs, BARE_BESIDE_APP): its simulator state and store go under this dir. */
+  besideAppStateDir?: string
+}
+
+export async function startBareProcess (options: BareProcessOptions): Promise<ProcessServer> {
+  const beside = options.besideAppStateDir
+  if (beside !== undefined) ensureBuilt()
   const port = await freePort()
   const devNull = openSync('/dev/null', 'w')
   const child = spawn(process.execPath, [...(options.nodeFlags ?? []), join(BENCH_DIR, 'bare-server.mjs')], {
     cwd: ROOT,
-    env: serverEnv({ PORT: String(port), HOST: '127.0.0.1', LOG_LEVEL: options.logLevel, BARE_SESSIONS: String(options.sessions) }),
+    env: serverEnv({
+      PORT: String(port),
+      HOST: '127.0.0.1',
+      LOG_LEVEL: options.logLevel,
+      BARE_SESSIONS: String(options.sessions),
+      ...(beside === undefined
+        ? {}
+        : {
+            BARE_BESIDE_APP: '1',
+            CURSOR_AGENT_BIN: SIMULATOR,
+            FAKE_AGENT_STATE_DIR: beside,
+            AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR',
+            STATE_DIR: join(beside, `store-${port}`)
+          })
+    }),
     stdio: ['ignore', devNull, 'inherit', 'pipe']
   })
   closeSync(devNull)
