@@ -8,7 +8,7 @@
 // many entries the Map holds). Prints the ids it holds as one JSON line on fd 3
 // (when open), so the benchmark can heartbeat one of them; logs go to stdout.
 //
-// BARE_BESIDE_APP=1: the same bare route, with the whole app (dist/app.js)
+// BARE_BESIDE=app: the same bare route, with the whole app (dist/app.js)
 // also registered in this process on a second Fastify instance that never
 // listens, with BARE_SESSIONS sessions started through it (the agent and
 // STATE_DIR come from the environment, as for the standalone server). Its
@@ -16,13 +16,18 @@
 // spawned agents and written its store: what that alone costs a request
 // (V8's feedback for Node's stream and event code is shared by the whole
 // process) is the difference to the plain bare server.
+//
+// BARE_BESIDE=ordinary-app: the same, with an ordinary Fastify app of the same
+// size instead (bench/ordinary-app.mjs: no code of this project), each of its
+// routes called 20 times: what any such app costs the route.
 
 import { randomUUID } from 'node:crypto'
 import { writeSync } from 'node:fs'
 import { setFlagsFromString } from 'node:v8'
 import Fastify from 'fastify'
 
-const besideApp = process.env.BARE_BESIDE_APP === '1'
+const beside = process.env.BARE_BESIDE ?? ''
+if (!['', 'app', 'ordinary-app'].includes(beside)) throw new Error(`BARE_BESIDE must be app or ordinary-app, not ${beside}`)
 
 const sessions = Number(process.env.BARE_SESSIONS ?? '1')
 const map = new Map()
@@ -46,9 +51,14 @@ app.post('/api/heartbeat', async (request, reply) => {
 })
 
 let idleApp
-if (besideApp) {
-  // As server.ts does, so the two processes differ only in where the heartbeat is answered.
-  setFlagsFromString('--no-allocation-site-pretenuring')
+// As server.ts does, so the processes differ only in where the heartbeat is answered.
+if (beside !== '') setFlagsFromString('--no-allocation-site-pretenuring')
+if (beside === 'ordinary-app') {
+  // Imported only here: the plain bare server loads nothing but Fastify.
+  const { startOrdinaryApp } = await import('./ordinary-app.mjs')
+  idleApp = await startOrdinaryApp(20)
+}
+if (beside === 'app') {
   const { default: agentSessions } = await import('../dist/app.js')
   idleApp = Fastify({ logger: false })
   await idleApp.register(agentSessions)

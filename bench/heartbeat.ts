@@ -10,10 +10,13 @@
 // Beside them, reported without a target, the standalone gap split in two by a
 // third server at LOG_LEVEL=warn: the same bare route in a process that has
 // also loaded the whole app, idle, with as many sessions (bench/bare-server.mjs,
-// BARE_BESIDE_APP). Against the bare server it gives what merely having the app
+// BARE_BESIDE=app). Against the bare server it gives what merely having the app
 // in the process costs a request; the standalone server against it gives the
 // rest: the app's route, its store writing the heartbeated sessions, its
-// server options.
+// server options. A fourth server holds an ordinary Fastify app of the same
+// size instead (BARE_BESIDE=ordinary-app, no code of this project): against
+// the bare server, what any such app costs the route; the standalone server
+// against it, what this app costs beyond that.
 // Rounds alternate (A B, then B A, ...) and go through the pairs in turn, so
 // drift of a shared machine falls on both sides alike; each pair of adjacent
 // rounds gives one ratio. Reported: the median of those ratios, their
@@ -80,7 +83,8 @@ export async function run (): Promise<BenchResult> {
       ]),
       started(startServer({ mode: 'service', sessions, cleanupIntervalMs: 60_000, sweeps: true })),
       started(startServer({ mode: 'bare', sessions, cleanupIntervalMs: 60_000, sweeps: false })),
-      started(startBareProcess({ logLevel: 'warn', sessions, nodeFlags: flags, besideAppStateDir: box.dir }))
+      started(startBareProcess({ logLevel: 'warn', sessions, nodeFlags: flags, beside: { kind: 'app', stateDir: box.dir } })),
+      started(startBareProcess({ logLevel: 'warn', sessions, nodeFlags: flags, beside: { kind: 'ordinary-app' } }))
     ])
     const servers = settled.map((r) => {
       if (r.status === 'rejected') throw r.reason
@@ -98,9 +102,12 @@ export async function run (): Promise<BenchResult> {
     // a process that has loaded and run the app costs a bare route, and what
     // the standalone server costs beyond that.
     const besideApp = servers[2 * levels.length + 2]
+    const besideOrdinaryApp = servers[2 * levels.length + 3]
     const parts: Pair[] = [
       { key: 'besideAppWarn', label: 'bare route beside the idle app in its process, LOG_LEVEL=warn', service: besideApp, bare: pairs[0].bare, rounds: [] },
-      { key: 'standaloneWarnOverBesideApp', label: 'standalone against that bare route beside the app, LOG_LEVEL=warn', service: pairs[0].service, bare: besideApp, baselineLabel: 'bare route beside the app', rounds: [] }
+      { key: 'standaloneWarnOverBesideApp', label: 'standalone against that bare route beside the app, LOG_LEVEL=warn', service: pairs[0].service, bare: besideApp, baselineLabel: 'bare route beside the app', rounds: [] },
+      { key: 'besideOrdinaryAppWarn', label: 'bare route beside an ordinary Fastify app of the same size, LOG_LEVEL=warn', service: besideOrdinaryApp, bare: pairs[0].bare, rounds: [] },
+      { key: 'standaloneWarnOverBesideOrdinaryApp', label: 'standalone against that bare route beside the ordinary app, LOG_LEVEL=warn', service: pairs[0].service, bare: besideOrdinaryApp, baselineLabel: 'bare route beside the ordinary app', rounds: [] }
     ]
 
     const measure = async (server: LoadTarget): Promise<Round> => {
@@ -111,7 +118,7 @@ export async function run (): Promise<BenchResult> {
     }
 
     // Warm-up (JIT, connection setup), not counted.
-    for (const pair of [...pairs, parts[0]]) {
+    for (const pair of [...pairs, parts[0], parts[2]]) {
       await loadHeartbeat(pair.service, { connections, seconds: QUICK ? 0.2 : 1 })
       await loadHeartbeat(pair.bare, { connections, seconds: QUICK ? 0.2 : 1 })
     }

@@ -473,6 +473,17 @@ function ensureBuilt (): void {
   built = true
 }
 
+/** The app's agent is the simulator, its state under stateDir; one store per server, as the default (one per port): servers started side by side must not share it. */
+function simulatorEnv (stateDir: string, port: number): Record<string, string> {
+  return {
+    CURSOR_AGENT_BIN: SIMULATOR,
+    FAKE_AGENT_STATE_DIR: stateDir,
+    // The agent's environment is an allow-list.
+    AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR',
+    STATE_DIR: join(stateDir, `store-${port}`)
+  }
+}
+
 /**
  * The standalone server as the README starts it (`npm start`: build if stale,
  * then `node dist/server.js`; `npm run demo`: against the simulator), with its
@@ -489,12 +500,8 @@ export async function startStandalone (options: ProcessServerOptions): Promise<P
       PORT: String(port),
       HOST: '127.0.0.1',
       LOG_LEVEL: options.logLevel,
-      CURSOR_AGENT_BIN: SIMULATOR,
-      FAKE_AGENT_STATE_DIR: options.stateDir,
-      // The agent's environment is an allow-list.
-      AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR',
-      // One store per server, as the default (one per port): servers started side by side must not share it.
-      STATE_DIR: options.storeDir ?? join(options.stateDir, `store-${port}`)
+      ...simulatorEnv(options.stateDir, port),
+      ...(options.storeDir === undefined ? {} : { STATE_DIR: options.storeDir })
     }),
     stdio: ['ignore', devNull, 'inherit']
   })
@@ -527,15 +534,19 @@ export async function startStandalone (options: ProcessServerOptions): Promise<P
   }
 }
 
-/** The baseline: bench/bare-server.mjs under plain `node`, same LOG_LEVEL, as many Map entries as sessions. */
 export interface BareProcessOptions extends Omit<ProcessServerOptions, 'stateDir' | 'storeDir' | 'entry'> {
-  /** The whole app registered beside the bare route, idle, with `sessions` sessions (bench/bare-server.mjs, BARE_BESIDE_APP): its simulator state and store go under this dir. */
-  besideAppStateDir?: string
+  /**
+   * What else the process holds, idle, beside the bare route (bench/bare-server.mjs, BARE_BESIDE):
+   * the whole app with `sessions` sessions, its simulator state and store under stateDir;
+   * or an ordinary Fastify app of the same size (bench/ordinary-app.mjs).
+   */
+  beside?: { kind: 'app', stateDir: string } | { kind: 'ordinary-app' }
 }
 
+/** The baseline: bench/bare-server.mjs under plain `node`, same LOG_LEVEL, as many Map entries as sessions. */
 export async function startBareProcess (options: BareProcessOptions): Promise<ProcessServer> {
-  const beside = options.besideAppStateDir
-  if (beside !== undefined) ensureBuilt()
+  const beside = options.beside
+  if (beside?.kind === 'app') ensureBuilt()
   const port = await freePort()
   const devNull = openSync('/dev/null', 'w')
   const child = spawn(process.execPath, [...(options.nodeFlags ?? []), join(BENCH_DIR, 'bare-server.mjs')], {
@@ -545,15 +556,8 @@ export async function startBareProcess (options: BareProcessOptions): Promise<Pr
       HOST: '127.0.0.1',
       LOG_LEVEL: options.logLevel,
       BARE_SESSIONS: String(options.sessions),
-      ...(beside === undefined
-        ? {}
-        : {
-            BARE_BESIDE_APP: '1',
-            CURSOR_AGENT_BIN: SIMULATOR,
-            FAKE_AGENT_STATE_DIR: beside,
-            AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR',
-            STATE_DIR: join(beside, `store-${port}`)
-          })
+      ...(beside === undefined ? {} : { BARE_BESIDE: beside.kind }),
+      ...(beside?.kind === 'app' ? simulatorEnv(beside.stateDir, port) : {})
     }),
     stdio: ['ignore', devNull, 'inherit', 'pipe']
   })

@@ -22,12 +22,12 @@ import { BENCH_DIR, BENCHMARKS as ALL, killLeftovers, pidLogsUnder, QUICK, QUICK
 const onlyArg = process.argv.find((a) => a.startsWith('--only='))
 const selected = onlyArg === undefined ? [...ALL] : onlyArg.slice('--only='.length).split(',').filter((n) => n !== '')
 const TIMEOUT_MS = QUICK ? QUICK_BENCH_TIMEOUT_MS : 150_000
-// The heartbeat starts four to six servers (two of them start sessions through
-// the simulator), then runs 72 rounds of 1.5 s.
+// The heartbeat starts eight servers (three of them start sessions through
+// the simulator), then runs 168 rounds of 1.5 s.
 // acp starts the real agents several times (gemini: 10-35 s each on a busy
 // machine); sse-fanout runs four rounds of 1,000 streams; durability restores
 // 10,000 stored sessions ten times and starts two standalone servers.
-const TIMEOUT_MS_OF: Record<string, number> = QUICK ? {} : { heartbeat: 300_000, acp: 1_200_000, 'sse-fanout': 300_000, durability: 600_000 }
+const TIMEOUT_MS_OF: Record<string, number> = QUICK ? {} : { heartbeat: 600_000, acp: 1_200_000, 'sse-fanout': 300_000, durability: 600_000 }
 
 interface Failure { name: string, error: string }
 
