@@ -26,8 +26,9 @@ function env (t: { after: (fn: () => unknown) => void }, redisUrl: string, box: 
     STATE_DIR: dir,
     AGENT_PROTOCOL: 'acp',
     AGENT_COMMAND: `"${process.execPath}" "${ACP_SIMULATOR}"`,
-    // The agent ignores SIGTERM: the owner's hibernation takes KILL_GRACE, a window for requests to arrive.
-    FAKE_ACP_FAULTS: 'ignore-sigterm',
+    // The agent ignores SIGTERM and stdin's end (the driver closes it first): the owner's
+    // hibernation takes KILL_GRACE, a window for requests to arrive.
+    FAKE_ACP_FAULTS: 'ignore-sigterm,ignore-stdin-eof',
     FAKE_AGENT_STATE_DIR: box.stateDir,
     AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR,FAKE_ACP_FAULTS'
   }
@@ -93,9 +94,10 @@ if (missing !== null) {
     const acp = {
       agentProtocol: 'acp' as const,
       agentCommand: `"${process.execPath}" "${ACP_SIMULATOR}"`,
-      // The agent ignores SIGTERM: A's hibernation takes KILL_GRACE, while A still answers HTTP.
+      // The agent ignores SIGTERM and stdin's end (else it exits at once and A releases the
+      // session before B asks): A's hibernation takes KILL_GRACE, while A still answers HTTP.
       killGrace: '3s',
-      agentEnv: { FAKE_ACP_FAULTS: 'ignore-sigterm' }
+      agentEnv: { FAKE_ACP_FAULTS: 'ignore-sigterm,ignore-stdin-eof' }
     }
     const a = await startInstance(t, box, redis.url, { ...acp, instanceTtl: '60s' })
     const bLog = logLines()
