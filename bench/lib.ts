@@ -6,7 +6,6 @@
 // run, never an absolute time on its own: the machines are shared and noisy.
 
 import { execFileSync, fork, spawn, type ChildProcess } from 'node:child_process'
-import { randomUUID } from 'node:crypto'
 import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs'
 import { request as httpRequest } from 'node:http'
 import { createServer } from 'node:net'
@@ -17,7 +16,8 @@ import autocannon from 'autocannon'
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
 import type { AgentSessionsOptions } from '../app.js'
 import { liftDecorators, ROOT, SIMULATOR } from '../test/helpers/index.js'
-import type { AgentConversation, AgentDriver, ProcessReport } from '../lib/agents/types.js'
+import type { AgentDriver } from '../lib/agents/types.js'
+import { promptOnlyDriver } from '../test/helpers/fake-driver.js'
 import { isProcessAlive, signalGroup } from '../lib/processes/terminate.js'
 import { SERVICE_ENV_NAMES } from '../lib/config.js'
 
@@ -166,36 +166,14 @@ export function sleep (ms: number): Promise<void> {
 // ---------------------------------------------------------------------------
 // An agent driver that spawns nothing: sessions cost only what the service keeps.
 
-const NOTHING_RAN: ProcessReport = { pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } }
-
 // Ids as the service keeps them (flat strings, not randomUUID()'s ropes): the
 // real driver's chat ids are parsed out of create-chat's output (flat), and the
 // baselines' ids must cost what the service's cost, or the memory figures
 // would compare ropes with strings.
 export { newSessionId as flatUUID } from '../lib/sessions/manager.js'
-import { newSessionId as flatUUID } from '../lib/sessions/manager.js'
 
 export function idleDriver (): AgentDriver {
-  const conversation = (chatId: string): AgentConversation => ({
-    ref: { protocol: 'cursor', chatId },
-    alive: true,
-    pid: null,
-    prompt: async () => ({ answer: 'ok', stopReason: 'end_turn', durationMs: 0 }),
-    cancel: () => false,
-    suspend: async () => NOTHING_RAN,
-    close: async () => NOTHING_RAN,
-    onExit: () => {}
-  })
-  return {
-    protocol: 'cursor',
-    keepsProcesses: false,
-    open: async () => conversation(flatUUID()),
-    resume: async (ref) => conversation(ref.protocol === 'cursor' ? ref.chatId : ref.sessionId),
-    info: async () => ({ protocol: 'cursor', name: 'bench-idle-driver', version: 'bench', available: true, canResume: true }),
-    livePids: () => [],
-    onProcessFinished: () => {},
-    drain: async () => {}
-  }
+  return promptOnlyDriver('bench-idle-driver', async () => ({ answer: 'ok', stopReason: 'end_turn', durationMs: 0 }))
 }
 
 // ---------------------------------------------------------------------------

@@ -16,7 +16,8 @@ import { fork, type ChildProcess } from 'node:child_process'
 import { createServer, type ServerResponse } from 'node:http'
 import { join } from 'node:path'
 import { monitorEventLoopDelay } from 'node:perf_hooks'
-import type { AgentConversation, AgentDriver, ProcessReport, PromptOptions, TurnResult } from '../lib/agents/types.js'
+import type { AgentDriver, PromptOptions, TurnResult } from '../lib/agents/types.js'
+import { promptOnlyDriver } from '../test/helpers/fake-driver.js'
 import { BENCH_DIR, fmt, QUICK, ROOT, round, serviceApp, sleep, type BenchResult } from './lib.js'
 
 const TARGET_LOOP_DELAY_P99_MS = 20
@@ -53,33 +54,12 @@ class Ticker {
   }
 }
 
-const NOTHING_RAN: ProcessReport = { pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } }
-
 function tickerDriver (feed: { ticker: Ticker }): AgentDriver {
-  const conversation: AgentConversation = {
-    ref: { protocol: 'cursor', chatId: 'ticker' },
-    alive: true,
-    pid: null,
-    prompt: async (_text: string, options: PromptOptions) => await new Promise<TurnResult>((resolve) => {
-      feed.ticker.start(() => { options.onEvent({ type: 'chunk', text: CHUNK_TEXT }) }, () => {
-        resolve({ answer: 'done', stopReason: 'end_turn', durationMs: 0 })
-      })
-    }),
-    cancel: () => false,
-    suspend: async () => NOTHING_RAN,
-    close: async () => NOTHING_RAN,
-    onExit: () => {}
-  }
-  return {
-    protocol: 'cursor',
-    keepsProcesses: false,
-    open: async () => conversation,
-    resume: async () => conversation,
-    info: async () => ({ protocol: 'cursor', name: 'bench-ticker', version: 'bench', available: true, canResume: true }),
-    livePids: () => [],
-    onProcessFinished: () => {},
-    drain: async () => {}
-  }
+  return promptOnlyDriver('bench-ticker', async (_text: string, options: PromptOptions) => await new Promise<TurnResult>((resolve) => {
+    feed.ticker.start(() => { options.onEvent({ type: 'chunk', text: CHUNK_TEXT }) }, () => {
+      resolve({ answer: 'done', stopReason: 'end_turn', durationMs: 0 })
+    })
+  }))
 }
 
 interface Round {

@@ -10,9 +10,10 @@ import { fileURLToPath } from 'node:url'
 import type { FastifyInstance } from 'fastify'
 import { EventSource } from 'eventsource'
 import { createParser } from 'eventsource-parser'
-import type { AgentConversation, AgentDriver, ProcessReport, PromptOptions } from '../lib/agents/types.js'
+import type { AgentDriver, PromptOptions } from '../lib/agents/types.js'
 import { AGENT_CALL_TIMEOUT_MS, ask, build, sandbox, startSession, waitFor, type BuildOptions, type Sandbox } from './helpers/index.js'
 import { openSse, until, type SseEvent } from './helpers/sse.js'
+import { promptOnlyDriver } from './helpers/fake-driver.js'
 
 const ACP_SIMULATOR = fileURLToPath(new URL('./fixtures/fake-acp-agent.mjs', import.meta.url))
 
@@ -245,34 +246,14 @@ t.test('PERMISSION_POLICY=ask: the request streams, the client answers; no answe
 
 /** A driver whose turn pours out `chunks` chunks of `size` bytes as fast as it can. */
 function floodDriver (chunks: number, size: number): AgentDriver {
-  const noProcess: ProcessReport = { pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } }
-  const conversation: AgentConversation = {
-    ref: { protocol: 'cursor', chatId: 'flood' },
-    alive: true,
-    pid: null,
-    prompt: async (_text: string, options: PromptOptions) => {
-      const text = 'x'.repeat(size)
-      for (let i = 0; i < chunks; i++) {
-        options.onEvent({ type: 'chunk', text })
-        if (i % 16 === 0) await new Promise((resolve) => setImmediate(resolve))
-      }
-      return { answer: 'flooded', stopReason: 'end_turn', durationMs: 1 }
-    },
-    cancel: () => false,
-    suspend: async () => noProcess,
-    close: async () => noProcess,
-    onExit: () => {}
-  }
-  return {
-    protocol: 'cursor',
-    keepsProcesses: false,
-    open: async () => conversation,
-    resume: async () => conversation,
-    info: async () => ({ protocol: 'cursor', name: 'flood', version: '1', available: true, canResume: true }),
-    livePids: () => [],
-    onProcessFinished: () => {},
-    drain: async () => {}
-  }
+  return promptOnlyDriver('flood', async (_text: string, options: PromptOptions) => {
+    const text = 'x'.repeat(size)
+    for (let i = 0; i < chunks; i++) {
+      options.onEvent({ type: 'chunk', text })
+      if (i % 16 === 0) await new Promise((resolve) => setImmediate(resolve))
+    }
+    return { answer: 'flooded', stopReason: 'end_turn', durationMs: 1 }
+  })
 }
 
 t.test('a stalled consumer is cut off: what waits for it never passes STREAM_BUFFER_BYTES', async (t) => {

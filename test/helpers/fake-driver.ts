@@ -6,6 +6,7 @@ import type {
   AgentConversation, AgentDriver, AgentExit, AgentInfo, ConversationRef, OpenOptions, ProcessReport, PromptOptions, TurnResult
 } from '../../lib/agents/types.js'
 import type { AgentSessionError } from '../../lib/errors.js'
+import { newSessionId } from '../../lib/sessions/manager.js'
 
 export const EXITED: ProcessReport = { pid: null, teardown: { stage: 'exited', signal: null, durationMs: 0 } }
 
@@ -136,4 +137,33 @@ class FakeConversation implements AgentConversation {
   }
 
   onExit (_listener: (exit: AgentExit) => void): void {}
+}
+
+/**
+ * A driver whose conversations spawn nothing and answer every turn with
+ * `prompt`: for what lies above the driver (memory per session, streaming),
+ * where no test needs to steer a turn by hand. Chat ids are flat strings, as
+ * the real drivers' are, so a session costs what it costs in the service.
+ */
+export function promptOnlyDriver (name: string, prompt: AgentConversation['prompt']): AgentDriver {
+  const conversation = (chatId: string): AgentConversation => ({
+    ref: { protocol: 'cursor', chatId },
+    alive: true,
+    pid: null,
+    prompt,
+    cancel: () => false,
+    suspend: async () => EXITED,
+    close: async () => EXITED,
+    onExit: () => {}
+  })
+  return {
+    protocol: 'cursor',
+    keepsProcesses: false,
+    open: async () => conversation(newSessionId()),
+    resume: async (ref) => conversation(ref.protocol === 'cursor' ? ref.chatId : ref.sessionId),
+    info: async () => ({ protocol: 'cursor', name, version: name, available: true, canResume: true }),
+    livePids: () => [],
+    onProcessFinished: () => {},
+    drain: async () => {}
+  }
 }
