@@ -4,14 +4,14 @@
 // (a damaged file, a full disk, a read-only directory, a second server) never
 // take the service down or lose the rest.
 
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { spawn, execFileSync } from 'node:child_process'
 import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { sandbox, waitFor, waitForGone, type Sandbox } from './helpers/index.js'
-import { post, spawnServer, startServer, tempStateDir } from './helpers/server-process.js'
+import { post, spawnServer, startServer, tempStateDir, type ServerProcess } from './helpers/server-process.js'
 import { isProcessAlive } from '../lib/processes/terminate.js'
 import { processStartTime, bootId } from '../lib/processes/records.js'
 
@@ -38,7 +38,11 @@ function calls (box: Sandbox): string[] {
   }
 }
 
-t.test('SIGTERM with a store hibernates every session; the next start brings every id back with its context', async (t) => {
+/**
+ * A server on the ACP simulator (its agents ignore SIGTERM and leave a
+ * grandchild) with a store, and two sessions asked `<word> 1` and `<word> 2`.
+ */
+async function serverWithTwoSessions (t: Test, word: string): Promise<{ box: Sandbox, dir: string, env: Record<string, string>, first: ServerProcess, ids: string[] }> {
   const box = sandbox(t)
   const dir = tempStateDir(t)
   const env = acpEnv(box, dir, 'ignore-sigterm,grandchild')
@@ -46,9 +50,14 @@ t.test('SIGTERM with a store hibernates every session; the next start brings eve
   const ids: string[] = []
   for (const n of [1, 2]) {
     const id = (await post(`${first.url}/api/session/start`)).json.session_id as string
-    t.equal((await post(`${first.url}/api/ask?session_id=${id}`, { question: `remember ${n}` })).status, 200)
+    t.equal((await post(`${first.url}/api/ask?session_id=${id}`, { question: `${word} ${n}` })).status, 200)
     ids.push(id)
   }
+  return { box, dir, env, first, ids }
+}
+
+t.test('SIGTERM with a store hibernates every session; the next start brings every id back with its context', async (t) => {
+  const { box, env, first, ids } = await serverWithTwoSessions(t, 'remember')
   const events = await fetch(`${first.url}/api/session/events?session_id=${ids[0]}`)
   const stuck = post(`${first.url}/api/ask?session_id=${ids[1]}`, { question: 'stuck [[fault:hang-on-prompt]]' })
   await waitFor(() => calls(box).filter((l) => l.includes('session/prompt')).length === 3, 'the stuck turn reached its agent', GENEROUS_MS)
@@ -83,16 +92,7 @@ t.test('SIGTERM with a store hibernates every session; the next start brings eve
 })
 
 t.test('SIGKILL leaves agents running; the next start tears them down before it serves, and leaves a stranger alone', async (t) => {
-  const box = sandbox(t)
-  const dir = tempStateDir(t)
-  const env = acpEnv(box, dir, 'ignore-sigterm,grandchild')
-  const first = await startServer(t, { env })
-  const ids: string[] = []
-  for (const n of [1, 2]) {
-    const id = (await post(`${first.url}/api/session/start`)).json.session_id as string
-    t.equal((await post(`${first.url}/api/ask?session_id=${id}`, { question: `note ${n}` })).status, 200)
-    ids.push(id)
-  }
+  const { box, dir, env, first, ids } = await serverWithTwoSessions(t, 'note')
   // One grandchild per live agent (the start-up probe's is gone already).
   await waitFor(() => box.pids().filter((p) => p.role === 'grandchild' && isProcessAlive(p.pid)).length === 2, 'two live grandchildren', GENEROUS_MS)
   first.proc.kill('SIGKILL')
@@ -119,10 +119,10 @@ t.test('SIGKILL leaves agents running; the next start tears them down before it 
   const sweep = second.logs.find((l) => l.msg === 'agent processes left by an earlier run torn down')
   t.match(sweep, { reaped: 2, notOurs: 1 })
   t.ok(isProcessAlive(stranger.pid!), 'the unrelated process is alive')
-  const metrics = await (await fetch(`${/http:\/\/127\.0\.0\.1:\d+/.exec(second.logs.find((l) => typeof l.msg === 'string' && l.msg.startsWith('Server listening'))!.msg as string)![0]}/metrics`)).text()
+  const url = /http:\/\/127\.0\.0\.1:\d+/.exec(second.logs.find((l) => typeof l.msg === 'string' && l.msg.startsWith('Server listening'))!.msg as string)![0]
+  const metrics = await (await fetch(`${url}/metrics`)).text()
   t.match(metrics, /agent_orphans_reaped_total 2/)
 
-  const url = /http:\/\/127\.0\.0\.1:\d+/.exec(second.logs.find((l) => typeof l.msg === 'string' && l.msg.startsWith('Server listening'))!.msg as string)![0]
   for (const [i, id] of ids.entries()) {
     const answer = await post(`${url}/api/ask?session_id=${id}`, { question: 'back?' })
     t.equal(answer.status, 200, JSON.stringify(answer.json))

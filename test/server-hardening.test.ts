@@ -4,34 +4,18 @@
 // test/server-stdout.test.ts.) `npm test` builds dist/ before tap runs.
 
 import t, { type Test } from 'tap'
-import { spawn, type ChildProcess } from 'node:child_process'
 import { connect, type Socket } from 'node:net'
 import { existsSync } from 'node:fs'
-import { join } from 'node:path'
-import { ROOT, SIMULATOR, sandbox, waitFor } from './helpers/index.js'
-import { cleanEnv } from './helpers/server-process.js'
+import { sandbox } from './helpers/index.js'
+import { SERVER, startServer as startServerProcess, type ServerProcess } from './helpers/server-process.js'
 
-const SERVER = join(ROOT, 'dist', 'server.js')
+interface Server extends ServerProcess { port: number }
 
-
-interface Server { proc: ChildProcess, url: string, port: number, logs: string[] }
-
+/** The built server with the simulator keeping its chats in this test's sandbox. */
 async function startServer (t: Test, env: Record<string, string>): Promise<Server> {
   const box = sandbox(t)
-  const proc = spawn(process.execPath, [SERVER], {
-    cwd: ROOT,
-    env: cleanEnv({
-      PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'info', KILL_GRACE: '1s', CURSOR_AGENT_BIN: SIMULATOR,
-      FAKE_AGENT_STATE_DIR: box.stateDir, AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR', ...env
-    }),
-    stdio: ['ignore', 'pipe', 'pipe']
-  })
-  t.after(() => { if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL') })
-  const logs: string[] = []
-  proc.stdout!.on('data', (chunk: Buffer) => { logs.push(...String(chunk).split('\n').filter(Boolean)) })
-  proc.stderr!.on('data', (chunk: Buffer) => { logs.push(String(chunk)) })
-  const url = await waitFor(() => logs.map((l) => /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(l)?.[1]).find(Boolean), 'the server to listen', 60_000)
-  return { proc, url, port: Number(new URL(url).port), logs }
+  const server = await startServerProcess(t, { env: { FAKE_AGENT_STATE_DIR: box.stateDir, AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR', ...env } })
+  return { ...server, port: Number(new URL(server.url).port) }
 }
 
 interface RawResponse { status: number, headers: Record<string, string>, body: string, closedAfterMs: number }
@@ -116,7 +100,7 @@ t.test('RECEIVE_TIMEOUT cuts off clients that trickle a request; an answer may t
   })
   t.equal(slow.status, 200, 'an ask that answers after 3 s')
   t.match(((await slow.json()) as { answer: string }).answer, /take your time/)
-  t.ok(server.logs.some((l) => /"code":"REQUEST_RECEIVE_TIMEOUT"/.test(l)), 'the cut-offs are logged')
+  t.ok(server.logs.some((l) => l.code === 'REQUEST_RECEIVE_TIMEOUT'), 'the cut-offs are logged')
 })
 
 t.test('headers over the limit get 431 HEADERS_TOO_LARGE in the API\'s error shape, with X-Request-ID', async (t) => {

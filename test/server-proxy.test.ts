@@ -2,35 +2,20 @@
 // dist/ before tap runs.
 
 import t, { type Test } from 'tap'
-import { spawn, type ChildProcess } from 'node:child_process'
+import { spawn } from 'node:child_process'
 import { existsSync } from 'node:fs'
-import { join } from 'node:path'
 import envSchema from 'env-schema'
 import { envJsonSchema, resolveConfig } from '../lib/config.js'
-import { ROOT, SIMULATOR, sandbox, waitFor } from './helpers/index.js'
-import { cleanEnv } from './helpers/server-process.js'
+import { ROOT, sandbox } from './helpers/index.js'
+import { cleanEnv, SERVER, startServer as startServerProcess, type ServerProcess } from './helpers/server-process.js'
 
-const SERVER = join(ROOT, 'dist', 'server.js')
+interface Server extends ServerProcess { port: number }
 
-
-interface Server { proc: ChildProcess, url: string, port: number, logs: string[] }
-
+/** The built server with the simulator keeping its chats in this test's sandbox. */
 async function startServer (t: Test, env: Record<string, string>): Promise<Server> {
   const box = sandbox(t)
-  const proc = spawn(process.execPath, [SERVER], {
-    cwd: ROOT,
-    env: cleanEnv({
-      PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'info', KILL_GRACE: '1s', CURSOR_AGENT_BIN: SIMULATOR,
-      FAKE_AGENT_STATE_DIR: box.stateDir, AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR', ...env
-    }),
-    stdio: ['ignore', 'pipe', 'pipe']
-  })
-  t.after(() => { if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL') })
-  const logs: string[] = []
-  proc.stdout!.on('data', (chunk: Buffer) => { logs.push(...String(chunk).split('\n').filter(Boolean)) })
-  proc.stderr!.on('data', (chunk: Buffer) => { logs.push(String(chunk)) })
-  const url = await waitFor(() => logs.map((l) => /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(l)?.[1]).find(Boolean), 'the server to listen', 60_000)
-  return { proc, url, port: Number(new URL(url).port), logs }
+  const server = await startServerProcess(t, { env: { FAKE_AGENT_STATE_DIR: box.stateDir, AGENT_ENV_PASS: 'FAKE_AGENT_STATE_DIR', ...env } })
+  return { ...server, port: Number(new URL(server.url).port) }
 }
 
 t.before(() => {
