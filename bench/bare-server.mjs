@@ -18,8 +18,9 @@
 // process) is the difference to the plain bare server.
 //
 // BARE_BESIDE=ordinary-app: the same, with an ordinary Fastify app of the same
-// size instead (bench/ordinary-app.mjs: no code of this project), each of its
-// routes called 20 times: what any such app costs the route.
+// size instead (bench/ordinary-app.mjs: no code of this project), with
+// ORDINARY_APP_ROUTES routes, each called 20 times: what any such app costs
+// the route.
 
 import { randomUUID } from 'node:crypto'
 import { writeSync } from 'node:fs'
@@ -56,7 +57,9 @@ if (beside !== '') setFlagsFromString('--no-allocation-site-pretenuring')
 if (beside === 'ordinary-app') {
   // Imported only here: the plain bare server loads nothing but Fastify.
   const { startOrdinaryApp } = await import('./ordinary-app.mjs')
-  idleApp = await startOrdinaryApp(20)
+  const routes = Number(process.env.ORDINARY_APP_ROUTES)
+  if (!Number.isInteger(routes) || routes < 1) throw new Error(`ORDINARY_APP_ROUTES must be a positive integer, not ${process.env.ORDINARY_APP_ROUTES}`)
+  idleApp = await startOrdinaryApp(routes, 20)
 }
 if (beside === 'app') {
   const { default: agentSessions } = await import('../dist/app.js')

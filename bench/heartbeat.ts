@@ -29,7 +29,7 @@
 
 import { loadavg } from 'node:os'
 import {
-  fmt, loadHeartbeat, processCpuUs, QUICK, removeDir, round, sandbox, spread, startBareProcess, startServer, startStandalone,
+  countAppRoutes, fmt, loadHeartbeat, processCpuUs, QUICK, removeDir, round, sandbox, spread, startBareProcess, startServer, startStandalone,
   type BenchResult, type LoadResult, type LoadTarget, type Spread, type TableRow
 } from './lib.js'
 
@@ -76,6 +76,7 @@ export async function run (): Promise<BenchResult> {
     // before any failure counts, so every one that started is stopped. Quick
     // mode leaves out the info pair: the same code with another level.
     const levels = QUICK ? ['warn'] : ['warn', 'info']
+    const appRoutes = await countAppRoutes()
     const settled = await Promise.allSettled([
       ...levels.flatMap((level) => [
         started(startStandalone({ logLevel: level, sessions, stateDir: box.dir, nodeFlags: flags })),
@@ -84,7 +85,7 @@ export async function run (): Promise<BenchResult> {
       started(startServer({ mode: 'service', sessions, cleanupIntervalMs: 60_000, sweeps: true })),
       started(startServer({ mode: 'bare', sessions, cleanupIntervalMs: 60_000, sweeps: false })),
       started(startBareProcess({ logLevel: 'warn', sessions, nodeFlags: flags, beside: { kind: 'app', stateDir: box.dir } })),
-      started(startBareProcess({ logLevel: 'warn', sessions, nodeFlags: flags, beside: { kind: 'ordinary-app' } }))
+      started(startBareProcess({ logLevel: 'warn', sessions, nodeFlags: flags, beside: { kind: 'ordinary-app', routes: appRoutes } }))
     ])
     const servers = settled.map((r) => {
       if (r.status === 'rejected') throw r.reason
@@ -117,10 +118,9 @@ export async function run (): Promise<BenchResult> {
       return { ...load, cpuUsPerRequest: cpuUs / Math.max(1, load.total) }
     }
 
-    // Warm-up (JIT, connection setup), not counted.
-    for (const pair of [...pairs, parts[0], parts[2]]) {
-      await loadHeartbeat(pair.service, { connections, seconds: QUICK ? 0.2 : 1 })
-      await loadHeartbeat(pair.bare, { connections, seconds: QUICK ? 0.2 : 1 })
+    // Warm-up (JIT, connection setup), not counted: each server once.
+    for (const server of new Set([...pairs, ...parts].flatMap((pair) => [pair.service, pair.bare]))) {
+      await loadHeartbeat(server, { connections, seconds: QUICK ? 0.2 : 1 })
     }
     const loads: number[] = [loadavg()[0]]
     for (let i = 0; i < roundsPerPair; i++) {
@@ -140,7 +140,7 @@ export async function run (): Promise<BenchResult> {
     }
 
     const rows: TableRow[] = []
-    const figures: Record<string, number> = { connections, secondsPerRound: seconds, roundsPerPair, sessions }
+    const figures: Record<string, number> = { connections, secondsPerRound: seconds, roundsPerPair, sessions, ordinaryAppRoutes: appRoutes }
     let met = true
     for (const pair of [...pairs, ...parts]) {
       const held = pairs.includes(pair)

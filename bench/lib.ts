@@ -34,6 +34,17 @@ export async function serviceApp (options: AgentSessionsOptions, fastifyOptions:
   return app
 }
 
+/** How many routes the app declares (HEAD routes aside), as the benchmarks run it: no Redis, so no cluster routes. */
+export async function countAppRoutes (): Promise<number> {
+  const app = Fastify({ logger: false, exposeHeadRoutes: false })
+  let routes = 0
+  app.addHook('onRoute', () => { routes++ })
+  await app.register(liftDecorators, { cursorAgentBin: SIMULATOR, workspaceDir: ROOT, stateDir: 'off' })
+  await app.ready()
+  await app.close()
+  return routes
+}
+
 export const BENCH_DIR = fileURLToPath(new URL('.', import.meta.url))
 
 export const QUICK = process.argv.includes('--quick') || process.env.BENCH_QUICK === '1'
@@ -516,9 +527,9 @@ export interface BareProcessOptions extends Omit<ProcessServerOptions, 'stateDir
   /**
    * What else the process holds, idle, beside the bare route (bench/bare-server.mjs, BARE_BESIDE):
    * the whole app with `sessions` sessions, its simulator state and store under stateDir;
-   * or an ordinary Fastify app of the same size (bench/ordinary-app.mjs).
+   * or an ordinary Fastify app of the same size (bench/ordinary-app.mjs), with as many routes as countAppRoutes().
    */
-  beside?: { kind: 'app', stateDir: string } | { kind: 'ordinary-app' }
+  beside?: { kind: 'app', stateDir: string } | { kind: 'ordinary-app', routes: number }
 }
 
 /** The baseline: bench/bare-server.mjs under plain `node`, same LOG_LEVEL, as many Map entries as sessions. */
@@ -535,7 +546,8 @@ export async function startBareProcess (options: BareProcessOptions): Promise<Pr
       LOG_LEVEL: options.logLevel,
       BARE_SESSIONS: String(options.sessions),
       ...(beside === undefined ? {} : { BARE_BESIDE: beside.kind }),
-      ...(beside?.kind === 'app' ? simulatorEnv(beside.stateDir, port) : {})
+      ...(beside?.kind === 'app' ? simulatorEnv(beside.stateDir, port) : {}),
+      ...(beside?.kind === 'ordinary-app' ? { ORDINARY_APP_ROUTES: String(beside.routes) } : {})
     }),
     stdio: ['ignore', devNull, 'inherit', 'pipe']
   })
