@@ -124,9 +124,7 @@ export class Membership extends EventEmitter<MembershipEvents> {
     this.#recoveringUntil = Math.max(this.#recoveringUntil, this.#now() + this.#ttlMs + 2000)
     // Replies in flight when a resync ends still carry the old secret: each resync reads it again, and only a loss is news.
     this.#resync ??= this.#syncSecret().then((dataLost) => {
-      if (dataLost !== true) return
-      this.emit('reconnected', { dataLost })
-      if (this.#url !== null) this.#schedule(0)
+      if (dataLost === true) this.#reconnected(dataLost)
     }).finally(() => { this.#resync = null })
     return false
   }
@@ -259,7 +257,11 @@ export class Membership extends EventEmitter<MembershipEvents> {
 
   async #onReady (): Promise<void> {
     const dataLost = await this.#syncSecret()
-    if (dataLost === null) return
+    if (dataLost !== null) this.#reconnected(dataLost)
+  }
+
+  /** Tells the listeners (the cluster plugin checks this instance's sessions against Redis) and advertises at once. */
+  #reconnected (dataLost: boolean): void {
     this.emit('reconnected', { dataLost })
     if (this.#url !== null) this.#schedule(0)
   }
