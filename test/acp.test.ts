@@ -3,8 +3,6 @@
 // fault of the simulator, and every pid checked gone afterwards.
 
 import t, { type Test } from 'tap'
-import { readFileSync } from 'node:fs'
-import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import type { FastifyInstance } from 'fastify'
 import { AGENT_CALL_TIMEOUT_MS, ask, build, sandbox, startSession, waitFor, waitForGone, type BuildOptions, type Sandbox } from './helpers/index.js'
@@ -24,14 +22,6 @@ async function acpApp (t: Test, box: Sandbox, options: BuildOptions & { faults?:
   })
 }
 
-function calls (box: Sandbox): string[] {
-  try {
-    return readFileSync(join(box.stateDir, 'calls.log'), 'utf8').split('\n').filter(Boolean)
-  } catch {
-    return []
-  }
-}
-
 async function cancel (app: FastifyInstance, id: string): Promise<{ cancelled: boolean }> {
   const res = await app.inject({ method: 'POST', url: `/api/cancel?session_id=${id}` })
   if (res.statusCode !== 200) throw new Error(`cancel: ${res.statusCode} ${res.body}`)
@@ -40,7 +30,7 @@ async function cancel (app: FastifyInstance, id: string): Promise<{ cancelled: b
 
 /** Resolves once the simulator logged this call (e.g. the turn reached the agent). */
 async function callSeen (box: Sandbox, pattern: RegExp, what: string): Promise<void> {
-  await waitFor(() => calls(box).some((line) => pattern.test(line)), what)
+  await waitFor(() => box.calls().some((line) => pattern.test(line)), what)
 }
 
 /** The agent processes running now (the start-up probe's has come and gone). */
@@ -69,7 +59,7 @@ t.test('one live agent per session: start, two turns with context, health, end l
   const end = await app.inject({ method: 'POST', url: `/api/session/end?session_id=${id}` })
   t.equal(end.statusCode, 200)
   t.same(await waitForGone([agentPid]), [], 'the agent is gone after the end')
-  t.ok(calls(box).some((line) => line.includes('session/close')), 'a real end closes the agent session politely first')
+  t.ok(box.calls().some((line) => line.includes('session/close')), 'a real end closes the agent session politely first')
 })
 
 t.test('a start that fails leaves nothing running and says why', async (t) => {
@@ -96,7 +86,7 @@ t.test('AGENT_AUTH_METHOD authenticates an agent that requires it', async (t) =>
   const app = await acpApp(t, box, { faults: 'require-auth', agentAuthMethod: 'fake-api-key' })
   const id = await startSession(app)
   t.equal((await ask(app, id, 'hi')).statusCode, 200)
-  t.ok(calls(box).some((line) => / authenticate /.test(line)), 'authenticate was called')
+  t.ok(box.calls().some((line) => / authenticate /.test(line)), 'authenticate was called')
 })
 
 t.test('cancel: the ask answers cancelled with what arrived, and the session stays usable', async (t) => {
@@ -112,7 +102,7 @@ t.test('cancel: the ask answers cancelled with what arrived, and the session sta
   const res = await pending
   t.equal(res.statusCode, 200, res.body)
   t.equal(res.json().stop_reason, 'cancelled')
-  t.ok(calls(box).some((line) => line.includes('session/cancel')), 'session/cancel was sent')
+  t.ok(box.calls().some((line) => line.includes('session/cancel')), 'session/cancel was sent')
   const [agentPid] = mainPids(box)
   t.ok(isProcessAlive(agentPid), 'the agent that honoured the cancel keeps running')
   const next = await ask(app, id, 'still there?')
@@ -159,7 +149,7 @@ t.test('an agent that ignores the cancel is torn down after KILL_GRACE; the next
   const next = await ask(app, id, 'are you back?')
   t.equal(next.statusCode, 200, next.body)
   t.match(next.json().answer, /previous question "remember me"/, 'session/load brought the conversation back')
-  t.ok(calls(box).some((line) => line.includes('session/load')), 'resumed with session/load')
+  t.ok(box.calls().some((line) => line.includes('session/load')), 'resumed with session/load')
 })
 
 t.test('permission requests follow PERMISSION_POLICY', async (t) => {

@@ -4,7 +4,7 @@
 // that fails ends the session, never silently starting a blank conversation.
 
 import t, { type Test } from 'tap'
-import { readFileSync, rmSync } from 'node:fs'
+import { rmSync } from 'node:fs'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import type { FastifyInstance } from 'fastify'
@@ -22,14 +22,6 @@ async function acpApp (t: Test, box: Sandbox, options: BuildOptions & { faults?:
     ...rest,
     agentEnv: { FAKE_ACP_FAULTS: faults, ...rest.agentEnv }
   })
-}
-
-function calls (box: Sandbox): string[] {
-  try {
-    return readFileSync(join(box.stateDir, 'calls.log'), 'utf8').split('\n').filter(Boolean)
-  } catch {
-    return []
-  }
 }
 
 /** The agent processes running now (the start-up probe's comes and goes). */
@@ -67,7 +59,7 @@ t.test('an idle live agent hibernates; heartbeats do not stop that clock; the ne
   clearInterval(beating)
   t.same(await waitForGone([firstAgent], GENEROUS_MS), [], 'the agent process is gone while hibernated')
   t.equal(app.agentSessions.get(id).state, 'hibernated')
-  t.notOk(calls(box).some((line) => line.includes('session/close')), 'hibernation never sends session/close')
+  t.notOk(box.calls().some((line) => line.includes('session/close')), 'hibernation never sends session/close')
   const health = (await app.inject({ method: 'GET', url: '/api/health' })).json()
   t.equal(health.hibernated_sessions, 1)
   t.equal(health.agent.live_processes, 0)
@@ -77,7 +69,7 @@ t.test('an idle live agent hibernates; heartbeats do not stop that clock; the ne
   const resumed = await ask(app, id, 'who am I?')
   t.equal(resumed.statusCode, 200, resumed.body)
   t.match(resumed.json().answer, /previous question "remember me"/, 'the conversation came back')
-  t.ok(calls(box).some((line) => line.includes('session/load')), 'brought back with session/load')
+  t.ok(box.calls().some((line) => line.includes('session/load')), 'brought back with session/load')
   const replayed = resumed.json().answer as string
   t.notMatch(replayed, /Answer 1/, 'the replayed history is not sent as new output')
   const running = mainPids(box).filter(isProcessAlive)

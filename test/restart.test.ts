@@ -30,14 +30,6 @@ function acpEnv (box: Sandbox, dir: string, faults = ''): Record<string, string>
   }
 }
 
-function calls (box: Sandbox): string[] {
-  try {
-    return readFileSync(join(box.stateDir, 'calls.log'), 'utf8').split('\n').filter(Boolean)
-  } catch {
-    return []
-  }
-}
-
 /**
  * A server on the ACP simulator (its agents ignore SIGTERM and leave a
  * grandchild) with a store, and two sessions asked `<word> 1` and `<word> 2`.
@@ -60,7 +52,7 @@ t.test('SIGTERM with a store hibernates every session; the next start brings eve
   const { box, env, first, ids } = await serverWithTwoSessions(t, 'remember')
   const events = await fetch(`${first.url}/api/session/events?session_id=${ids[0]}`)
   const stuck = post(`${first.url}/api/ask?session_id=${ids[1]}`, { question: 'stuck [[fault:hang-on-prompt]]' })
-  await waitFor(() => calls(box).filter((l) => l.includes('session/prompt')).length === 3, 'the stuck turn reached its agent', GENEROUS_MS)
+  await waitFor(() => box.calls().filter((l) => l.includes('session/prompt')).length === 3, 'the stuck turn reached its agent', GENEROUS_MS)
   const oldAgents = box.pids().map((p) => p.pid)
 
   first.proc.kill('SIGTERM')
@@ -72,7 +64,7 @@ t.test('SIGTERM with a store hibernates every session; the next start brings eve
   const stream = await events.text()
   t.match(stream, /event: state\ndata: \{"state":"hibernated"\}/, 'the session stream says hibernated, then closes')
   t.notMatch(stream, /event: ended/)
-  t.notOk(calls(box).some((l) => l.includes('session/close')), 'hibernation never sends session/close')
+  t.notOk(box.calls().some((l) => l.includes('session/close')), 'hibernation never sends session/close')
   t.equal(first.logs.filter((l) => l.msg === 'session hibernated' && l.why === 'shutdown').length, 2)
 
   const second = await startServer(t, { env })

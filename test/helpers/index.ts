@@ -40,22 +40,26 @@ interface TapLike {
 
 export interface Sandbox {
   stateDir: string
+  /** The simulators' pid log: every process they started, with its role (main, grandchild, ...). */
   pids: () => Array<{ pid: number, role: string }>
+  /** The ACP simulator's calls.log: one line per call it received, `<pid> <method> ...`. */
+  calls: () => string[]
 }
 
 /** A fresh simulator state dir (chats + pid log), removed after the test; every recorded pid is killed then too. */
 export function sandbox (t: TapLike): Sandbox {
   const stateDir = mkdtempSync(join(tmpdir(), 'agent-sessions-test-'))
-  const pids = (): Array<{ pid: number, role: string }> => {
-    let text = ''
+  const lines = (file: string): string[] => {
     try {
-      text = readFileSync(join(stateDir, 'pids.log'), 'utf8')
-    } catch {}
-    return text.split('\n').filter(Boolean).map((line) => {
-      const [pid, role] = line.split(' ')
-      return { pid: Number(pid), role }
-    })
+      return readFileSync(join(stateDir, file), 'utf8').split('\n').filter(Boolean)
+    } catch {
+      return []
+    }
   }
+  const pids = (): Array<{ pid: number, role: string }> => lines('pids.log').map((line) => {
+    const [pid, role] = line.split(' ')
+    return { pid: Number(pid), role }
+  })
   t.after(() => {
     // Safety net only: the assertions that count are in the tests.
     for (const { pid } of pids()) {
@@ -64,7 +68,7 @@ export function sandbox (t: TapLike): Sandbox {
     }
     rmSync(stateDir, { recursive: true, force: true })
   })
-  return { stateDir, pids }
+  return { stateDir, pids, calls: () => lines('calls.log') }
 }
 
 export const RUN_SIMULATOR = `exec "${process.execPath}" "${SIMULATOR}" "$@"`
