@@ -19,9 +19,10 @@
 import { spawn, type ChildProcess } from 'node:child_process'
 import { execFileSync } from 'node:child_process'
 import { mkdtempSync } from 'node:fs'
-import { createConnection, createServer } from 'node:net'
+import { createConnection } from 'node:net'
 import { join } from 'node:path'
 import autocannon from 'autocannon'
+import { freePort } from '../test/helpers/index.js'
 import { redisMissing } from '../test/helpers/redis.js'
 import { cleanEnv } from '../test/helpers/server-process.js'
 import { QUICK, ROOT, SIMULATOR, fmt, median, removeDir, sleep, spread, summarize, tempRoot, type BenchResult } from './lib.js'
@@ -29,17 +30,6 @@ import { QUICK, ROOT, SIMULATOR, fmt, median, removeDir, sleep, spread, summariz
 const TTL_MS = 2000
 
 interface Proc { child: ChildProcess, exited: Promise<void> }
-
-async function freePort (): Promise<number> {
-  return await new Promise((resolve, reject) => {
-    const server = createServer()
-    server.once('error', reject)
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as { port: number }
-      server.close(() => resolve(port))
-    })
-  })
-}
 
 function start (command: string, args: string[], env: NodeJS.ProcessEnv = process.env): Proc {
   const child = spawn(command, args, { cwd: ROOT, env, stdio: ['ignore', 'ignore', 'inherit'] })

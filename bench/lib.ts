@@ -8,14 +8,13 @@
 import { execFileSync, fork, spawn, type ChildProcess } from 'node:child_process'
 import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs'
 import { request as httpRequest } from 'node:http'
-import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import autocannon from 'autocannon'
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
 import type { AgentSessionsOptions } from '../app.js'
-import { liftDecorators, ROOT, SIMULATOR } from '../test/helpers/index.js'
+import { freePort, liftDecorators, ROOT, SIMULATOR } from '../test/helpers/index.js'
 import type { AgentDriver } from '../lib/agents/types.js'
 import { promptOnlyDriver } from '../test/helpers/fake-driver.js'
 import { isProcessAlive, signalGroup } from '../lib/processes/terminate.js'
@@ -388,18 +387,6 @@ export function processCpuUs (pid: number): number {
 export function cpuTimeMs (): number {
   const usage = process.cpuUsage()
   return (usage.user + usage.system) / 1000
-}
-
-function freePort (): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const probe = createServer()
-    probe.once('error', reject)
-    probe.listen(0, '127.0.0.1', () => {
-      const address = probe.address()
-      const port = typeof address === 'object' && address !== null ? address.port : 0
-      probe.close(() => resolve(port))
-    })
-  })
 }
 
 function post (url: string): Promise<{ status: number, body: string }> {

@@ -5,10 +5,10 @@
 // (each instance writes its sessions into the empty Redis again).
 
 import t from 'tap'
-import { sandbox, type Sandbox } from './helpers/index.js'
-import { spawnServer, startServer, type ServerProcess, stopServer, tempStateDir } from './helpers/server-process.js'
+import { freePort, sandbox, type Sandbox } from './helpers/index.js'
+import { spawnServer, startServer, stopServer, tempStateDir } from './helpers/server-process.js'
 import { call, redisClient, until } from './helpers/cluster.js'
-import { freePort, redisMissing, startRedis } from './helpers/redis.js'
+import { redisMissing, startRedis } from './helpers/redis.js'
 
 const GENEROUS_MS = 90_000
 

@@ -10,10 +10,9 @@ import { execFile, spawn } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { chmod, chown, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
-import { createServer } from 'node:net'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
-import { ROOT, sleep, waitForGone } from './helpers/index.js'
+import { freePort, ROOT, sleep, waitForGone } from './helpers/index.js'
 
 const run = promisify(execFile)
 const BUILD = join(ROOT, 'scripts', 'image', 'build.sh')
@@ -52,14 +51,6 @@ async function podman (...args: string[]): Promise<{ code: number, stdout: strin
     const e = err as { code?: number, stdout?: string, stderr?: string }
     return { code: typeof e.code === 'number' ? e.code : -1, stdout: e.stdout ?? '', stderr: e.stderr ?? '' }
   }
-}
-
-async function freePort (): Promise<number> {
-  const server = createServer()
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
-  const port = (server.address() as { port: number }).port
-  await new Promise((resolve) => server.close(resolve))
-  return port
 }
 
 interface Container { name: string, url: string, startedAt: number }

@@ -2,6 +2,7 @@
 // recorded, and prove they are gone.
 
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -69,6 +70,18 @@ export function sandbox (t: TapLike): Sandbox {
     rmSync(stateDir, { recursive: true, force: true })
   })
   return { stateDir, pids, calls: () => lines('calls.log') }
+}
+
+/** A port of 127.0.0.1 that was free a moment ago (for a child process that must be told its port). */
+export async function freePort (): Promise<number> {
+  return await new Promise((resolve, reject) => {
+    const server = createServer()
+    server.once('error', reject)
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address() as { port: number }
+      server.close(() => resolve(port))
+    })
+  })
 }
 
 export const RUN_SIMULATOR = `exec "${process.execPath}" "${SIMULATOR}" "$@"`

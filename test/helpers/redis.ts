@@ -5,10 +5,9 @@
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
 import { mkdtempSync, rmSync } from 'node:fs'
-import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { waitFor } from './index.js'
+import { freePort, waitFor } from './index.js'
 
 export const REDIS_SERVER = process.env.REDIS_SERVER_BIN ?? 'redis-server'
 
@@ -20,17 +19,6 @@ export function redisMissing (): string | null {
       'install it (Debian: apt-get install redis-server) to run the cluster tests'
   }
   return null
-}
-
-export async function freePort (): Promise<number> {
-  return await new Promise((resolve, reject) => {
-    const server = createServer()
-    server.once('error', reject)
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as { port: number }
-      server.close(() => resolve(port))
-    })
-  })
 }
 
 export interface RedisServer {
