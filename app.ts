@@ -86,4 +86,4 @@ export type { TeardownReport, TeardownStage } from './lib/processes/terminate.js
 export type { AgentUser } from './lib/processes/agent-user.js'
 export { AgentSessionError, type ErrorCode } from './lib/errors.js'
 // For a host's own Fastify({ ... }): what the standalone server sets at the server level (see the README).
-export { clientErrorHandler, receiveTimeoutOptions, trustProxyOption } from './plugins/http.js'
+export { clientErrorHandler, genReqId, receiveTimeoutOptions, trustProxyOption } from './plugins/http.js'

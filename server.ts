@@ -2,19 +2,16 @@
 // Standalone entry: read the environment, build Fastify with a logger, register
 // the app, close gracefully on SIGINT/SIGTERM, listen.
 
-import type { IncomingMessage } from 'node:http'
 import { setFlagsFromString } from 'node:v8'
 import Fastify from 'fastify'
 import closeWithGrace from 'close-with-grace'
 import envSchema from 'env-schema'
 import pino from 'pino'
 import agentSessions from './app.js'
-import { clientErrorHandler, newRequestId, receiveTimeoutOptions, sendError, toAgentSessionError, trustProxyOption } from './plugins/http.js'
+import { clientErrorHandler, genReqId, receiveTimeoutOptions, sendError, toAgentSessionError, trustProxyOption } from './plugins/http.js'
 import { killTrackedGroupsNow } from './lib/processes/terminate.js'
 import { defaultStateDir, StateDirError } from './lib/state-dir.js'
 import { ConfigError, describeEnvError, envJsonSchema, exposureError, resolveConfig, type AgentSessionsConfig } from './lib/config.js'
-
-const REQUEST_ID = /^[\w.:-]{1,128}$/
 
 // V8 pretenures an allocation site whose objects mostly survive a young-generation
 // collection. Under steady request load, one collection that lands while the
@@ -66,10 +63,7 @@ const fastify = Fastify({
   clientErrorHandler,
   // Reuse a well-formed X-Request-ID from the client (tracing across proxies), else make one.
   requestIdHeader: false,
-  genReqId: (req: IncomingMessage) => {
-    const given = req.headers['x-request-id']
-    return typeof given === 'string' && REQUEST_ID.test(given) ? given : newRequestId()
-  },
+  genReqId,
   // The app answers requests that arrive while closing itself, with its JSON error shape.
   return503OnClosing: false,
   // Errors the router raises before any plugin runs (a malformed URL such as

@@ -3,7 +3,7 @@
 // every response, one error shape, and prompt connection close on shutdown.
 
 import { randomBytes } from 'node:crypto'
-import { STATUS_CODES as HTTP_STATUS_TEXT } from 'node:http'
+import { STATUS_CODES as HTTP_STATUS_TEXT, type IncomingMessage } from 'node:http'
 import type { Socket } from 'node:net'
 import fp from 'fastify-plugin'
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
@@ -34,9 +34,22 @@ const STATUS_CODES: Partial<Record<number, ErrorCode>> = {
 const REQUEST_ID_PREFIX = randomBytes(6).toString('hex')
 let requestCount = 0
 
-/** A new request id: the standalone server's genReqId and the errors Node's parser raises before any route. */
+/** A new request id: for genReqId and the errors Node's parser raises before any route. */
 export function newRequestId (): string {
   return `${REQUEST_ID_PREFIX}-${(++requestCount).toString(36)}`
+}
+
+const CLIENT_REQUEST_ID = /^[\w.:-]{1,128}$/
+
+/**
+ * Fastify's `genReqId` (with `requestIdHeader: false`): a well-formed
+ * X-Request-ID from the client or a forwarding instance is kept (tracing
+ * across proxies), else a new id. The standalone server uses it; so may an
+ * embedder.
+ */
+export function genReqId (req: IncomingMessage): string {
+  const given = req.headers['x-request-id']
+  return typeof given === 'string' && CLIENT_REQUEST_ID.test(given) ? given : newRequestId()
 }
 
 /** Maps anything thrown in a request to the API's error; unknown failures never leak their message. */

@@ -3,12 +3,12 @@
 // sharing one (real) Redis. The simulator's chats live in the sandbox's
 // directory, which every instance shares (the "shared agent storage" case).
 
-import { randomUUID } from 'node:crypto'
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import Fastify, { type FastifyInstance } from 'fastify'
 import { Redis } from 'ioredis'
+import { genReqId } from '../../plugins/http.js'
 import { AGENT_CALL_TIMEOUT_MS, ROOT, SIMULATOR, liftDecorators, type BuildOptions, type Sandbox } from './index.js'
 
 interface TapLike { after: (fn: () => unknown) => void }
@@ -34,10 +34,7 @@ export async function startInstance (t: TapLike, box: Sandbox, redisUrl: string,
     logger: logger as boolean,
     return503OnClosing: false,
     requestIdHeader: false,
-    genReqId: (req) => {
-      const given = req.headers['x-request-id']
-      return typeof given === 'string' && /^[\w.:-]{1,128}$/.test(given) ? given : randomUUID()
-    }
+    genReqId
   })
   await app.register(liftDecorators, {
     cursorAgentBin: SIMULATOR,
